@@ -1,0 +1,3 @@
+from cellseg.cli import main
+
+main()

@@ -1,0 +1,102 @@
+"""Frozen configuration dataclasses. `ModelSpec` is the model half of a checkpoint's metadata:
+everything needed to rebuild the network and to pre/post-process exactly as in training.
+It round-trips through plain JSON (`to_dict` / `from_dict`)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from cellseg.errors import CheckpointError
+
+SCHEMA_VERSION = 1
+
+# The architectures `cellseg train --arch` accepts (built in cellseg.model).
+ARCHS = ("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2", "maskrcnn_resnet18_fpn")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to build and run one Mask R-CNN. Image sizes are never forced to a fixed side:
+    an image is multiplied by `scale` (1.0 = native pixel size) and padded to `size_divisible`."""
+
+    arch: str
+    class_names: tuple[str, ...]  # e.g. ("class1", "class2", "class3", "class4")
+    category_ids: tuple[int, ...]  # COCO category id per class name (model label i+1 -> category_ids[i])
+    # Preprocessing. image_rule names the channel/scaling rule of cellseg.data.images.
+    image_rule: str = "rgb01-v1"
+    image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    image_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    scale: float = 1.0
+    size_divisible: int = 32
+    # Region proposal network; anchors sized from the training objects (one size per FPN level).
+    anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)
+    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    rpn_pre_nms_top_n_train: int = 2000
+    rpn_post_nms_top_n_train: int = 2000
+    rpn_pre_nms_top_n_test: int = 1000
+    rpn_post_nms_top_n_test: int = 1000
+    rpn_batch_size_per_image: int = 256
+    # RoI heads.
+    box_batch_size_per_image: int = 512
+    box_detections_per_img: int = 1000
+    box_score_thresh: float = 0.05
+    box_nms_thresh: float = 0.5
+    box_head_dim: int = 1024
+    mask_head_channels: tuple[int, ...] = (256, 256, 256, 256)
+    mask_thresh: float = 0.5
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def num_classes(self) -> int:
+        """Including background, as torchvision counts."""
+        return len(self.class_names) + 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+                for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelSpec":
+        if not isinstance(d, dict):
+            raise CheckpointError("model metadata is not a JSON object")
+        version = d.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise CheckpointError(f"model metadata schema_version {version!r} is not supported "
+                                  f"(this cellseg reads {SCHEMA_VERSION})")
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - set(names))
+        if unknown:
+            raise CheckpointError(f"model metadata has fields this cellseg does not know: {unknown}")
+        missing = sorted(n for n, f in names.items()
+                         if n not in d and f.default is dataclasses.MISSING)
+        if missing:
+            raise CheckpointError(f"model metadata lacks required fields: {missing}")
+        kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
+        spec = cls(**kwargs)
+        if spec.arch not in ARCHS:
+            raise CheckpointError(f"unknown architecture {spec.arch!r} (known: {', '.join(ARCHS)})")
+        if len(spec.class_names) != len(spec.category_ids):
+            raise CheckpointError("model metadata: class_names and category_ids differ in length")
+        return spec
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: str
+    out: str
+    arch: str = "maskrcnn_resnet18_fpn"
+    epochs: int = 12
+    batch_size: int = 2
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    val_fraction: float = 0.15
+    device: str = "auto"  # auto | cpu | cuda
+    weights: str = "none"  # none | default | PATH
+    resume: bool = False
+    seed: int = 0
+    workers: int = 0
+    crop_size: int = 0  # 0 = whole images; >0 = random crops of this side (native scale kept)
+    max_iters_per_epoch: int = 0  # 0 = full epoch; used by the demo and tests to cap time
+    scale: float = 1.0
+    extra: dict = field(default_factory=dict)
