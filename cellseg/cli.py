@@ -158,12 +158,16 @@ def eval_(results: Path = typer.Argument(..., help="COCO results JSON"),
     metrics = evaluate_coco(gt_dict, load_results(results))
     rows = []
     for iou_type, m in metrics.items():
-        per_class = ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} -" for k, v in m["per_class"].items())
-        rows.append((iou_type, f"{m['AP']:.4f}", f"{m['AP50']:.4f}", f"{m['AP75']:.4f}", str(m["max_dets"]), per_class))
+        per_class = ", ".join(f"{k} {_fmt(v, 3)}" for k, v in m["per_class"].items())
+        rows.append((iou_type, _fmt(m["AP"]), _fmt(m["AP50"]), _fmt(m["AP75"]), str(m["max_dets"]), per_class))
     _echo_table(f"COCO evaluation of {results.name}", rows, ("type", "AP", "AP50", "AP75", "maxDets", "per class AP"))
     if json_out is not None:
         atomic_write_json(json_out, metrics, force=force, indent=2)
         typer.echo(f"wrote {json_out}")
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def _load_gt(gt: Path) -> dict:

@@ -1,0 +1,239 @@
+"""cellseg.bench: the harness end to end on a tiny random-init model (plumbing: a random model
+detects junk, which is fine), the report files, skipped backends, and the parity gate."""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pycocotools.mask as mask_utils
+import pytest
+import tifffile
+import torch
+from rich.console import Console
+
+from cellseg.bench.harness import (check_out_dir, load_bench_data, parity_failures, parity_figures,
+                                   replace_dir_atomically, run_bench)
+from cellseg.errors import InputError, OutputExistsError
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    """Two 64x80 HW3 samples (two classes) and a random-init light-model checkpoint."""
+    from cellseg.checkpoint import make_metadata, save_checkpoint
+    from cellseg.model import LIGHT_ARCH, build_model, spec_from_data
+
+    root = tmp_path_factory.mktemp("bench")
+    rng = np.random.default_rng(0)
+    for s in range(2):
+        d = root / "data" / "train" / f"sample{s}"
+        d.mkdir(parents=True)
+        label = np.zeros((64, 80), np.uint16)
+        for i in range(5):
+            y, x = int(rng.integers(0, 54)), int(rng.integers(0, 70))
+            label[y:y + 8, x:x + 8] = i + 1
+        tifffile.imwrite(d / "image.tif", (rng.random((64, 80, 3)) * 255).astype(np.uint8))
+        tifffile.imwrite(d / "class1.tif", label)
+        tifffile.imwrite(d / "class2.tif", (label == 3).astype(np.uint16))
+    torch.manual_seed(0)
+    spec = spec_from_data(LIGHT_ARCH, ("class1", "class2"), (1, 2), np.full(10, 8.0), 5,
+                          box_detections_per_img=20)
+    ckpt = save_checkpoint(root / "model.pt", build_model(spec).state_dict(), make_metadata(spec))
+    return {"root": root, "data": root / "data", "model": Path(ckpt)}
+
+
+def _quiet() -> Console:
+    return Console(file=io.StringIO(), width=120)
+
+
+def test_run_bench_tiny_model_writes_report(tiny):
+    out = tiny["root"] / "report"
+    console = _quiet()
+    report = run_bench(tiny["model"], tiny["data"], ["torch", "onnxruntime"], device="cpu", warmup=1,
+                       iters=2, out=out, progress=False, console=console)
+    assert sorted(p.name for p in out.iterdir()) == ["latency.png", "report.json", "report.md"]
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["failures"] == report["failures"] == []
+    rows = {r["name"]: r for r in saved["rows"]}
+    assert set(rows) == {"reference", "torch"}
+    # A checkpoint runs only on torch: onnxruntime is listed as skipped, with the reason.
+    assert [s["backend"] for s in saved["skipped"]] == ["onnxruntime"]
+    assert "torch backend" in saved["skipped"][0]["reason"]
+    assert saved["data"] == {"source": str(tiny["data"]), "images": 2, "gt_instances": 12,
+                             "max_gt_instances_per_image": 6}
+    for row in rows.values():
+        assert row["timed_runs"] == 4 and len(saved["latencies_ms"][row["name"]]) == 4
+        lat = row["latency_ms"]
+        assert 0 < lat["min"] <= lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+        assert row["throughput_ips"] == pytest.approx(1000.0 / lat["mean"], rel=1e-6)
+        assert row["stages_ms"]["read"] > 0 and row["stages_ms"]["json"] >= 0
+        assert sum(row["stages_ms"].values()) == pytest.approx(lat["mean"], rel=0.05)
+        assert row["peak_rss_mb"] > 0 and row["artifact_mb"] > 0
+        assert set(row["metrics"]) == {"segm", "bbox"} and row["metrics"]["segm"]["max_dets"] >= 100
+    assert {"backbone", "rpn", "mask_head", "paste_rle"} <= set(rows["torch"]["stages_ms"])
+    assert {"roi_heads", "paste", "threshold_rle"} <= set(rows["reference"]["stages_ms"])
+    assert rows["reference"]["speedup_vs_reference"] == pytest.approx(1.0)
+    # The seed-style pipeline and cellseg's torch backend + shared postprocess agree exactly.
+    assert saved["parity_baseline"] == "torch" and rows["torch"]["parity"] is None
+    parity = rows["reference"]["parity"]
+    assert parity["ref_count"] == rows["torch"]["instances"] > 0
+    assert parity["matched_share"] == 1.0 and parity["delta_ap"] == {"segm": 0.0, "bbox": 0.0}
+    env = saved["environment"]
+    assert env["cpu_cores"] and env["versions"]["torch"] == torch.__version__
+    md = (out / "report.md").read_text()
+    assert "| reference |" in md and "| torch |" in md and "onnxruntime:" in md
+    assert (out / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "reference" in console.file.getvalue()
+
+    # An existing report is never overwritten silently; --force replaces it whole.
+    with pytest.raises(OutputExistsError):
+        run_bench(tiny["model"], tiny["data"], ["torch"], out=out, progress=False, console=_quiet())
+    (out / "stale.txt").write_text("old")
+    run_bench(tiny["model"], tiny["data"], ["torch"], device="cpu", warmup=0, iters=1, out=out,
+              force=True, reference=False, progress=False, console=_quiet())
+    assert sorted(p.name for p in out.iterdir()) == ["latency.png", "report.json", "report.md"]
+    assert [r["name"] for r in json.loads((out / "report.json").read_text())["rows"]] == ["torch"]
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".report.")]
+
+
+def test_run_bench_fails_when_a_backend_disagrees(tiny, monkeypatch):
+    """A backend that loses detections fails the parity gate (the CLI then exits non-zero)."""
+    import cellseg.pipeline as pipeline
+
+    real = pipeline.load_predictor
+
+    def load_predictor(model, backend=None, device="auto", **kw):
+        predictor = real(model, "torch", "cpu")
+        if backend != "onnxruntime":
+            return predictor
+        predict = predictor.predict
+
+        def lossy(image):  # drops every other detection
+            d = predict(image)
+            keep = torch.arange(len(d.scores)) % 2 == 0
+            return type(d)(d.boxes[keep], d.scores[keep], d.labels[keep], d.mask_probs[keep])
+
+        predictor.predict = lossy
+        predictor.backend_name = "onnxruntime"
+        return predictor
+
+    monkeypatch.setattr(pipeline, "load_predictor", load_predictor)
+    report = run_bench(tiny["model"], tiny["data"], ["torch", "onnxruntime"], device="cpu", warmup=0,
+                       iters=1, reference=False, progress=False, console=_quiet())
+    rows = {r["name"]: r for r in report["rows"]}
+    assert rows["onnxruntime"]["parity"]["matched_share"] == pytest.approx(0.5, abs=0.05)
+    assert any(f.startswith("onnxruntime: only") and "matched" in f for f in report["failures"])
+    assert all("\n" not in f for f in report["failures"])
+
+
+def test_run_bench_rejects_bad_arguments(tiny):
+    with pytest.raises(InputError, match="backends"):
+        run_bench(tiny["model"], tiny["data"], ["tensorflow"], progress=False, console=_quiet())
+    with pytest.raises(InputError, match="iters"):
+        run_bench(tiny["model"], tiny["data"], ["torch"], iters=0, progress=False, console=_quiet())
+    with pytest.raises(InputError, match="no such"):
+        run_bench(tiny["root"] / "missing.pt", tiny["data"], ["torch"], progress=False, console=_quiet())
+
+
+def _rle(mask: np.ndarray) -> dict:
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode()
+    return rle
+
+
+def _results(shift: int, n: int = 10) -> list[dict]:
+    out = []
+    for i in range(n):
+        m = np.zeros((60, 60), bool)
+        m[5 * i:5 * i + 4, 10 + shift:20 + shift] = True
+        out.append({"image_id": 1, "category_id": 1, "segmentation": _rle(m), "score": 0.9 - 0.01 * i})
+    return out
+
+
+def _row(name: str, parity: dict | None, kind: str = "backend") -> dict:
+    return {"name": name, "kind": kind, "parity": parity}
+
+
+def test_parity_gate_on_synthetic_results():
+    base = _results(0)
+    metrics = {"segm": {"AP": 0.50}, "bbox": {"AP": 0.60}}
+    same = parity_figures("torch", base, metrics, base, {"segm": {"AP": 0.50}, "bbox": {"AP": 0.601}})
+    assert same["matched_share"] == 1.0 and same["delta_ap"]["bbox"] == pytest.approx(0.001)
+    shifted = parity_figures("torch", base, metrics, _results(1), {"segm": {"AP": 0.40}, "bbox": {"AP": 0.60}})
+    assert shifted["matched_share"] == 0.0  # 4x10 box shifted 1 px: IoU 36/44 < 0.95
+    failures = parity_failures([_row("onnxruntime", same), _row("trt", shifted),
+                                _row("reference", shifted, kind="reference"), _row("torch", None)],
+                               max_map_drop=0.005)
+    assert len(failures) == 2 and all(f.startswith("trt: ") for f in failures)
+    assert "segm AP differs from torch by -0.1000" in failures[0]
+    assert "0.0% of torch's 10 instances matched" in failures[1]
+    # An AP gain beyond the limit is a disagreement too; so is a share just under 99%.
+    assert parity_failures([_row("x", {**same, "delta_ap": {"segm": 0.02}})], 0.005)
+    assert parity_failures([_row("x", {**same, "matched_share": 0.989})], 0.005)
+    assert not parity_failures([_row("x", {**same, "matched_share": 0.99})], 0.005)
+
+
+def test_report_dir_is_replaced_atomically(tmp_path):
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "keep.txt").write_text("old report")
+    with pytest.raises(OutputExistsError):
+        check_out_dir(out, force=False)
+
+    def broken(folder: Path) -> None:
+        (folder / "report.json").write_text("{}")
+        raise KeyboardInterrupt  # interrupted half way
+
+    with pytest.raises(KeyboardInterrupt):
+        replace_dir_atomically(out, broken, force=True)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["report"]  # no temporary folder left
+    replace_dir_atomically(out, lambda f: (f / "report.json").write_text("{}"), force=True)
+    assert [p.name for p in out.iterdir()] == ["report.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]
+    check_out_dir(tmp_path / "new", force=False)  # absent or empty is fine
+
+
+def test_bench_data_from_coco_json_with_images_folder(tiny, tmp_path):
+    from cellseg.data.coco import hw3_to_coco
+
+    gt = hw3_to_coco(tiny["data"])
+    shutil.copytree(tiny["data"] / "train", tmp_path / "images")
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    data = load_bench_data(tmp_path / "gt.json")
+    assert data.image_ids == (1, 2) and data.instances == 12
+    assert data.image_paths[0] == tmp_path / "images" / "sample0" / "image.tif"
+    hw3 = load_bench_data(tiny["data"])
+    assert hw3.image_paths[1] == tiny["data"] / "train" / "sample1" / "image.tif"
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "gt.json").write_text(json.dumps(gt))
+    with pytest.raises(InputError, match="images"):
+        load_bench_data(tmp_path / "elsewhere" / "gt.json")
+
+
+def test_artifact_files_of_an_export_folder(tmp_path):
+    from cellseg.bench.harness import artifact_files
+    from cellseg.pipeline import CHECKPOINT_COPY, onnx_paths
+
+    for p in onnx_paths(tmp_path, "fp32").values():
+        p.write_bytes(b"x" * 10)
+    first = next(iter(onnx_paths(tmp_path, "fp32").values()))
+    (tmp_path / (first.name + ".data")).write_bytes(b"y")  # ONNX external data beside its graph
+    (tmp_path / CHECKPOINT_COPY).write_bytes(b"z")
+    files = artifact_files(tmp_path, "onnxruntime", {})
+    assert sorted(files) == sorted([*onnx_paths(tmp_path, "fp32").values(), tmp_path / (first.name + ".data")])
+    named = artifact_files(tmp_path, "onnxruntime", {"graphs": {"backbone": first.name}})
+    assert named == [first, tmp_path / (first.name + ".data")]
+    assert artifact_files(tmp_path, "torch", {}) == [tmp_path / CHECKPOINT_COPY]
+    assert artifact_files(tmp_path / CHECKPOINT_COPY, "torch", {}) == [tmp_path / CHECKPOINT_COPY]
+
+
+def test_reference_row_skipped_without_checkpoint(tiny, tmp_path):
+    from cellseg.bench.reference import reference_checkpoint
+    from cellseg.errors import BackendUnavailableError
+
+    assert reference_checkpoint(tiny["model"]) == tiny["model"]
+    with pytest.raises(BackendUnavailableError, match="model.pt missing"):
+        reference_checkpoint(tmp_path)
