@@ -191,7 +191,7 @@ def export(checkpoint: Path = typer.Argument(..., help="checkpoint .pt from cell
            min_size: int = typer.Option(64, "--min-size", help="smallest image side for engine profiles"),
            opt_size: int = typer.Option(512, "--opt-size"),
            max_size: int = typer.Option(2560, "--max-size", help="largest image side for engine profiles"),
-           max_rois: int = typer.Option(0, "--max-rois", help="0 = from the checkpoint's detections per image"),
+           max_rois: int = typer.Option(0, "--max-rois", help="0 = max(rpn_post_nms_top_n_test, box_detections_per_img); larger RoI batches are split"),
            force: bool = typer.Option(False, "--force")):
     """ONNX graphs verified against PyTorch; TensorRT engines built from them."""
     from cellseg.export.exporter import export_model

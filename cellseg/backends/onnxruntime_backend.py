@@ -1,0 +1,182 @@
+"""The three graphs on onnxruntime. CPUExecutionProvider by default; CUDAExecutionProvider when
+onnxruntime-gpu is installed and the device is CUDA. Tensors are bound by IO binding (on CUDA they
+stay on the GPU; on the CPU ORT reads/writes torch's buffers directly, no numpy copies)."""
+from __future__ import annotations
+
+import json
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from cellseg.backends.base import split_backbone_outputs
+from cellseg.errors import BackendUnavailableError, CheckpointError, InputError
+
+METADATA_KEY = "cellseg"  # ONNX metadata_props key holding {"metadata", "weights_sha256"}
+
+
+def physical_cores() -> int:
+    """Physical cores (hyper-threads excluded), for intra-op threads; falls back to os.cpu_count()."""
+    try:
+        pairs = set()
+        block: dict[str, str] = {}
+        for line in Path("/proc/cpuinfo").read_text().splitlines() + [""]:
+            if ":" in line:
+                k, v = line.split(":", 1)
+                block[k.strip()] = v.strip()
+            elif block:
+                pairs.add((block.get("physical id"), block.get("core id")))
+                block = {}
+        if pairs and (None, None) not in pairs:
+            return max(1, len(pairs))
+    except OSError:
+        pass
+    return max(1, os.cpu_count() or 1)
+
+
+def _torch_to_ort_dtype(dtype: torch.dtype):
+    import numpy as np
+    return {torch.float32: np.float32, torch.float16: np.float16}[dtype]
+
+
+class OnnxRuntimeBackend:
+    name = "onnxruntime"
+
+    def __init__(self, graph_paths: dict[str, Path], device: str = "auto", expected_hash: str | None = None,
+                 intra_op_threads: int | None = None, precision: str = "fp32") -> None:
+        ok, reason = self.is_available()
+        if not ok:
+            raise BackendUnavailableError(reason)
+        import onnxruntime as ort
+
+        for graph, path in graph_paths.items():
+            if not Path(path).is_file():
+                raise CheckpointError(f"{path}: {graph} graph missing")
+        want_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+        has_cuda_ep = "CUDAExecutionProvider" in ort.get_available_providers()
+        if device.startswith("cuda") and not (has_cuda_ep and torch.cuda.is_available()):
+            raise BackendUnavailableError("onnxruntime on CUDA needs onnxruntime-gpu and a CUDA PyTorch "
+                                          f"(providers here: {', '.join(ort.get_available_providers())})")
+        self.device = torch.device(device if device.startswith("cuda") else "cuda") \
+            if (want_cuda and has_cuda_ep and torch.cuda.is_available()) else torch.device("cpu")
+        threads = intra_op_threads or physical_cores()
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        if self.device.type == "cuda":
+            providers: list[Any] = [("CUDAExecutionProvider", {"device_id": self.device.index or 0}),
+                                    "CPUExecutionProvider"]
+        else:
+            providers = ["CPUExecutionProvider"]
+        self.sessions = {g: ort.InferenceSession(str(p), sess_options=options, providers=providers)
+                         for g, p in graph_paths.items()}
+        self._check_metadata(graph_paths, expected_hash)
+        self._outputs = {g: [o.name for o in s.get_outputs()] for g, s in self.sessions.items()}
+        self._inputs = {g: s.get_inputs()[0].name for g, s in self.sessions.items()}
+        self._backbone_channels = self._static_dim(self.sessions["backbone"].get_outputs()[0].shape, 1)
+        self.settings: dict[str, Any] = {
+            "providers": self.sessions["backbone"].get_providers(), "device": str(self.device),
+            "precision": precision, "graph_optimization_level": "ORT_ENABLE_ALL", "execution_mode": "ORT_SEQUENTIAL",
+            "intra_op_num_threads": threads, "inter_op_num_threads": 1, "io_binding": True,
+            "graphs": {g: Path(p).name for g, p in graph_paths.items()}, "onnxruntime": ort.__version__}
+
+    @classmethod
+    def is_available(cls) -> tuple[bool, str]:
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            return False, "onnxruntime is not installed (pip install onnxruntime, or onnxruntime-gpu)"
+        return True, ""
+
+    def _check_metadata(self, graph_paths: dict[str, Path], expected_hash: str | None) -> None:
+        for graph, session in self.sessions.items():
+            raw = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+            try:
+                found = json.loads(raw)["weights_sha256"] if raw else None
+            except (ValueError, KeyError, TypeError):
+                found = None
+            if found is None:
+                raise CheckpointError(f"{graph_paths[graph]}: no cellseg metadata in the ONNX file")
+            if expected_hash is not None and found != expected_hash:
+                raise CheckpointError(f"{graph_paths[graph]}: weights hash {found[:12]}... differs from the "
+                                      f"export's {expected_hash[:12]}... (graph from another checkpoint)")
+
+    @staticmethod
+    def _static_dim(shape: list, axis: int) -> int | None:
+        value = shape[axis] if len(shape) > axis else None
+        return value if isinstance(value, int) else None
+
+    def _run(self, graph: str, x: Tensor, output_shapes: list[tuple[int, ...]]) -> list[Tensor]:
+        """One IO-bound run: input and outputs are torch tensors on self.device, bound by address."""
+        session = self.sessions[graph]
+        x = x.to(self.device, torch.float32).contiguous()
+        binding = session.io_binding()
+        dev_type = "cuda" if self.device.type == "cuda" else "cpu"
+        dev_id = self.device.index or 0 if dev_type == "cuda" else 0
+        binding.bind_input(self._inputs[graph], dev_type, dev_id, _torch_to_ort_dtype(x.dtype),
+                           tuple(x.shape), x.data_ptr())
+        outputs = [torch.empty(s, dtype=torch.float32, device=self.device) for s in output_shapes]
+        for name, out in zip(self._outputs[graph], outputs):
+            binding.bind_output(name, dev_type, dev_id, _torch_to_ort_dtype(out.dtype), tuple(out.shape),
+                                out.data_ptr())
+        if dev_type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()  # inputs written by torch must be ready
+        session.run_with_iobinding(binding)
+        return outputs
+
+    def run_backbone(self, images: Tensor) -> tuple["OrderedDict[str, Tensor]", list[Tensor], list[Tensor]]:
+        names = self._outputs["backbone"]
+        shapes = backbone_output_shapes(tuple(images.shape), names, self.sessions["backbone"])
+        return split_backbone_outputs(names, self._run("backbone", images, shapes))
+
+    def run_box_head(self, pooled: Tensor) -> tuple[Tensor, Tensor]:
+        outs = self.sessions["box_head"].get_outputs()
+        r = pooled.shape[0]
+        shapes = [(r, _require_static(o.shape[1], o.name)) for o in outs]
+        logits, deltas = self._run("box_head", pooled, shapes)
+        return logits, deltas
+
+    def run_mask_head(self, pooled: Tensor) -> Tensor:
+        out = self.sessions["mask_head"].get_outputs()[0]
+        shape = (pooled.shape[0], *(_require_static(d, out.name) for d in out.shape[1:]))
+        return self._run("mask_head", pooled, [shape])[0]
+
+
+def _require_static(dim, name: str) -> int:
+    if not isinstance(dim, int):
+        raise InputError(f"ONNX output {name} has a dynamic dimension {dim!r} where a fixed one is expected")
+    return dim
+
+
+def backbone_output_shapes(image_shape: tuple[int, ...], names: list[str], session) -> list[tuple[int, ...]]:
+    """Output shapes of the backbone graph for an input [B,3,H,W], computed from the graph's static
+    channel counts and the FPN strides (each level halves the previous one, rounding up, as the
+    stride-2 convs / poolings do); IO binding needs the output buffers before the run."""
+    from cellseg.export.onnx_graphs import FEATURE_PREFIX
+
+    b, _, h, w = image_shape
+    level_sizes = fpn_level_sizes(h, w, sum(1 for n in names if n.startswith(FEATURE_PREFIX)))
+    shapes = []
+    per_kind_index: dict[str, int] = {}
+    for out in session.get_outputs():
+        kind = out.name.rsplit("_", 1)[0]
+        i = per_kind_index.get(kind, 0)
+        per_kind_index[kind] = i + 1
+        channels = _require_static(out.shape[1], out.name)
+        shapes.append((b, channels, *level_sizes[i]))
+    return shapes
+
+
+def fpn_level_sizes(h: int, w: int, levels: int, first_stride_log2: int = 2) -> list[tuple[int, int]]:
+    """Spatial sizes of FPN levels P2.. (stride 4, 8, ...; the last 'pool' level is P5 halved)."""
+    def halve(n: int, times: int) -> int:
+        for _ in range(times):
+            n = (n + 1) // 2
+        return n
+    sizes = [(halve(h, first_stride_log2 + i), halve(w, first_stride_log2 + i)) for i in range(levels)]
+    return sizes

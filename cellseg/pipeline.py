@@ -1,0 +1,259 @@
+"""One inference pipeline for every backend.
+
+A backend runs the three dense graphs (backbone, box head, mask head); everything between them is
+torchvision's own code on a model built from the checkpoint's ModelSpec: the model's transform
+(native-scale resize, normalise, pad), AnchorGenerator + box decoding + filter_proposals (RPN),
+MultiScaleRoIAlign, postprocess_detections, maskrcnn_inference and the box mapping back to the
+original image. So `Predictor(torch backend).predict(image)` equals the eager `model([image])`
+(boxes, scores, labels, and masks before paste), and other backends differ only by their graphs."""
+from __future__ import annotations
+
+import json
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torchvision.models.detection.roi_heads import maskrcnn_inference
+from torchvision.models.detection.rpn import concat_box_prediction_layers
+
+from cellseg.backends.base import BACKEND_PREFERENCE, Backend
+from cellseg.config import ModelSpec
+from cellseg.errors import BackendUnavailableError, CheckpointError, InputError
+
+STAGES = ("preprocess", "backbone", "rpn", "box_head", "roi_glue", "mask_head")
+EXPORT_JSON = "cellseg.json"
+CHECKPOINT_COPY = "model.pt"
+
+
+@dataclass
+class Detections:
+    boxes: Tensor  # (N,4) float32 xyxy in original image pixels, cpu
+    scores: Tensor  # (N,)
+    labels: Tensor  # (N,) int64, model labels 1..K
+    mask_probs: Tensor  # (N,1,28,28) float32 probabilities of the detection's class, cpu
+
+
+def backend_names() -> tuple[str, ...]:
+    return BACKEND_PREFERENCE
+
+
+class Predictor:
+    """Runs images through `backend`'s graphs and `model`'s torchvision glue. `model` only has
+    to carry the transform, rpn and roi_heads configuration; its head weights are not used unless
+    the backend is the torch one built from the same model."""
+
+    def __init__(self, spec: ModelSpec, model: nn.Module, backend: Backend, device: torch.device) -> None:
+        self.spec = spec
+        self.backend = backend
+        self.backend_name = backend.name
+        self.device = device
+        self.model = model.eval().to(device)
+        self.stage_seconds: dict[str, float] = {s: 0.0 for s in STAGES}
+        pool = self.model.roi_heads.mask_roi_pool.output_size
+        self._mask_side = 2 * (pool if isinstance(pool, int) else pool[0])  # mask predictor upsamples x2
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return dict(getattr(self.backend, "settings", {}))
+
+    def _tick(self, stage: str, start: float) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # so stage times are the GPU's, not launch times
+        now = time.perf_counter()
+        self.stage_seconds[stage] += now - start
+        return now
+
+    @torch.no_grad()
+    def predict(self, image: np.ndarray) -> Detections:
+        if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
+            shape = getattr(image, "shape", type(image).__name__)
+            raise InputError(f"predict expects an HxWx3 float image, got {shape}")
+        t = time.perf_counter()
+        original_size = (int(image.shape[0]), int(image.shape[1]))
+        x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1).to(self.device)
+        images, _ = self.model.transform([x])
+        image_sizes = images.image_sizes
+        t = self._tick("preprocess", t)
+
+        features, objectness, deltas = self.backend.run_backbone(images.tensors)
+        t = self._tick("backbone", t)
+
+        proposals = self._proposals(images, features, objectness, deltas)
+        t = self._tick("rpn", t)
+
+        heads = self.model.roi_heads
+        box_features = heads.box_roi_pool(features, proposals, image_sizes)
+        t = self._tick("roi_glue", t)
+        class_logits, box_regression = self.backend.run_box_head(box_features)
+        t = self._tick("box_head", t)
+        boxes, scores, labels = heads.postprocess_detections(class_logits, box_regression, proposals, image_sizes)
+        num_classes = class_logits.shape[1]
+        if boxes[0].shape[0] > 0:
+            mask_features = heads.mask_roi_pool(features, boxes, image_sizes)
+            t = self._tick("roi_glue", t)
+            mask_logits = self.backend.run_mask_head(mask_features)
+            t = self._tick("mask_head", t)
+        else:  # no detections: nothing for the mask head to do (and engines have no 0-RoI profile)
+            mask_logits = torch.zeros(0, num_classes, self._mask_side, self._mask_side, device=self.device)
+        mask_probs = maskrcnn_inference(mask_logits, labels)[0]
+        mapped = self.model.transform.postprocess([{"boxes": boxes[0]}], image_sizes, [original_size])
+        detections = Detections(boxes=mapped[0]["boxes"].float().cpu(), scores=scores[0].float().cpu(),
+                                labels=labels[0].to(torch.int64).cpu(), mask_probs=mask_probs.float().cpu())
+        self._tick("roi_glue", t)
+        return detections
+
+    def _proposals(self, images, features: "OrderedDict[str, Tensor]", objectness: list[Tensor],
+                   deltas: list[Tensor]) -> list[Tensor]:
+        """RegionProposalNetwork.forward (eval) from its head's outputs onward, torchvision's code."""
+        rpn = self.model.rpn
+        feature_list = list(features.values())
+        anchors = rpn.anchor_generator(images, feature_list)
+        num_images = len(anchors)
+        num_anchors_per_level = [o[0].shape[0] * o[0].shape[1] * o[0].shape[2] for o in objectness]
+        flat_objectness, flat_deltas = concat_box_prediction_layers(objectness, deltas)
+        proposals = rpn.box_coder.decode(flat_deltas.detach(), anchors).view(num_images, -1, 4)
+        boxes, _ = rpn.filter_proposals(proposals, flat_objectness, images.image_sizes, num_anchors_per_level)
+        return boxes
+
+
+# ------------------------------------------------------------------------------------ loading
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise BackendUnavailableError("CUDA is not available (this PyTorch sees no GPU)")
+        return torch.device(device)
+    if device == "cpu":
+        return torch.device("cpu")
+    raise InputError(f"unknown device {device!r} (valid: auto, cpu, cuda)")
+
+
+def read_export_json(folder: Path) -> dict[str, Any]:
+    path = folder / EXPORT_JSON
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: not an export folder ({EXPORT_JSON} missing)")
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: unreadable ({err})") from None
+    if not isinstance(info, dict) or "metadata" not in info or "weights_sha256" not in info:
+        raise CheckpointError(f"{path}: lacks 'metadata' or 'weights_sha256'")
+    return info
+
+
+def onnx_paths(folder: Path, precision: str = "fp32") -> dict[str, Path]:
+    from cellseg.export.onnx_graphs import GRAPH_NAMES
+    suffix = "" if precision == "fp32" else f".{precision}"
+    return {g: folder / f"{g}{suffix}.onnx" for g in GRAPH_NAMES}
+
+
+def engine_paths(folder: Path, precision: str) -> dict[str, Path]:
+    from cellseg.export.onnx_graphs import GRAPH_NAMES
+    return {g: folder / f"{g}.{precision}.engine" for g in GRAPH_NAMES}
+
+
+def artifacts_present(folder: Path) -> dict[str, list[str]]:
+    """Backend name -> precisions whose artifacts are all in the export folder (best first)."""
+    found: dict[str, list[str]] = {}
+    for precision in ("fp16", "fp32"):
+        if all(p.is_file() for p in engine_paths(folder, precision).values()):
+            found.setdefault("trt", []).append(precision)
+    for precision in ("fp32", "fp16"):  # fp32 first: onnxruntime's CPU kernels are fp32
+        if all(p.is_file() for p in onnx_paths(folder, precision).values()):
+            found.setdefault("onnxruntime", []).append(precision)
+    if (folder / CHECKPOINT_COPY).is_file():
+        found["torch"] = ["fp32"]
+    return found
+
+
+def _backend_class(name: str):
+    if name == "torch":
+        from cellseg.backends.torch_backend import TorchBackend
+        return TorchBackend
+    if name == "onnxruntime":
+        from cellseg.backends.onnxruntime_backend import OnnxRuntimeBackend
+        return OnnxRuntimeBackend
+    from cellseg.backends.tensorrt_backend import TensorRTBackend
+    return TensorRTBackend
+
+
+def _check_backend_name(backend: str | None) -> None:
+    if backend is not None and backend not in BACKEND_PREFERENCE:
+        raise InputError(f"unknown backend {backend!r} (valid: {', '.join(BACKEND_PREFERENCE)})")
+
+
+def load_predictor(model: str | Path, backend: str | None = None, device: str = "auto",
+                   precision: str | None = None) -> Predictor:
+    """model = checkpoint .pt (torch backend) or export folder (any backend whose artifacts it
+    holds; without `backend`, the first available of trt > onnxruntime > torch). `precision`
+    picks fp32/fp16 artifacts (default: fp16 engines for trt when built, fp32 graphs for
+    onnxruntime; for torch, fp16 means CUDA autocast)."""
+    _check_backend_name(backend)
+    if backend is not None:  # name the missing runtime first: that is what the user must fix
+        ok, reason = _backend_class(backend).is_available()
+        if not ok:
+            raise BackendUnavailableError(f"{backend} backend: {reason}")
+    path = Path(model)
+    if not path.exists():
+        raise InputError(f"{path}: no such checkpoint or export folder")
+    if path.is_file():
+        if backend not in (None, "torch"):
+            raise InputError(f"{path}: a checkpoint runs only on the torch backend "
+                             f"(make an export folder with `cellseg export` for {backend})")
+        return _torch_predictor(path, resolve_device(device), precision, expected_hash=None)
+
+    info = read_export_json(path)
+    present = artifacts_present(path)
+    if backend is not None and backend not in present:
+        raise InputError(f"{path}: export folder has no {backend} artifacts "
+                         f"(present: {', '.join(present) or 'none'})")
+    candidates = [backend] if backend else [b for b in BACKEND_PREFERENCE if b in present]
+    if not candidates:
+        raise CheckpointError(f"{path}: export folder holds no model.pt, ONNX graphs or engines")
+    reasons = []
+    for name in candidates:
+        ok, reason = _backend_class(name).is_available()
+        if ok:
+            return _folder_predictor(path, info, name, device, precision, present[name])
+        reasons.append(f"{name}: {reason}")
+    raise BackendUnavailableError("; ".join(reasons))
+
+
+def _torch_predictor(checkpoint: Path, device: torch.device, precision: str | None,
+                     expected_hash: str | None) -> Predictor:
+    from cellseg.backends.torch_backend import TorchBackend
+    from cellseg.checkpoint import load_checkpoint, weights_hash
+    from cellseg.model import model_from_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    if expected_hash is not None and weights_hash(ckpt.state_dict) != expected_hash:
+        raise CheckpointError(f"{checkpoint}: weights differ from the export's {EXPORT_JSON} (hash mismatch)")
+    net = model_from_checkpoint(ckpt.state_dict, ckpt.spec, str(checkpoint)).to(device)
+    return Predictor(ckpt.spec, net, TorchBackend(net, device, fp16=precision == "fp16"), device)
+
+
+def _folder_predictor(folder: Path, info: dict[str, Any], name: str, device: str,
+                      precision: str | None, precisions: list[str]) -> Predictor:
+    from cellseg.model import build_model
+
+    spec = ModelSpec.from_dict(info["metadata"].get("model") if isinstance(info["metadata"], dict) else None)
+    expected = str(info["weights_sha256"])
+    if name == "torch":
+        return _torch_predictor(folder / CHECKPOINT_COPY, resolve_device(device), precision, expected)
+    chosen = precision or precisions[0]
+    if chosen not in precisions:
+        raise InputError(f"{folder}: no {chosen} artifacts for {name} (present: {', '.join(precisions)})")
+    if name == "onnxruntime":
+        from cellseg.backends.onnxruntime_backend import OnnxRuntimeBackend
+        be = OnnxRuntimeBackend(onnx_paths(folder, chosen), device=device, expected_hash=expected, precision=chosen)
+    else:
+        from cellseg.backends.tensorrt_backend import TensorRTBackend
+        be = TensorRTBackend(engine_paths(folder, chosen), device=device, expected_hash=expected)
+    glue = build_model(spec)  # random init: only its transform / rpn / roi_heads configuration is used
+    return Predictor(spec, glue, be, be.device)

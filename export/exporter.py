@@ -1,0 +1,192 @@
+"""`cellseg export`: checkpoint -> export folder.
+
+DIR/
+  cellseg.json                 checkpoint metadata, weights sha256, files, verification results
+  model.pt                     copy of the checkpoint (the torch backend runs the folder too)
+  backbone.onnx box_head.onnx mask_head.onnx            FP32 dense graphs (verified)
+  backbone.fp16.onnx ...       with --fp16 (verified within the FP16 tolerance)
+  model.onnx                   end-to-end graph (image -> boxes, labels, scores, 28x28 mask probs)
+  *.{fp32,fp16}.engine + .json with --trt (TensorRT engines and their sidecars)
+
+ONNX files are written into a temporary sibling folder and renamed into place only after every
+graph verified, so a failed export leaves nothing half-written. Engines are built afterwards from
+the verified graphs; when TensorRT or CUDA is missing that step fails alone, ONNX files intact."""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+
+from cellseg.errors import InputError, OutputExistsError, VerificationError
+from cellseg.export.fp16 import convert_to_fp16
+from cellseg.export.onnx_graphs import GRAPH_NAMES, example_inputs, export_graph, graph_io, graph_modules
+from cellseg.export.verify import (END_TO_END_MASK_TOLERANCE, END_TO_END_TOLERANCE, FP16_TOLERANCE,
+                                   FP32_TOLERANCE, OnnxRunner, check_graph, summarise, verification_images,
+                                   verification_inputs)
+from cellseg.fileio import atomic_write_json
+
+EXPORT_FORMAT = "cellseg-export-v1"
+METADATA_KEY = "cellseg"
+
+
+def onnx_metadata(metadata: dict[str, Any], weights_sha256: str, graph: str, precision: str) -> str:
+    return json.dumps({"metadata": metadata, "weights_sha256": weights_sha256, "graph": graph,
+                       "precision": precision}, sort_keys=True)
+
+
+def _set_metadata(proto: onnx.ModelProto, text: str) -> onnx.ModelProto:
+    del proto.metadata_props[:]
+    onnx.helper.set_model_props(proto, {METADATA_KEY: text})
+    return proto
+
+
+def _slim_if_equal(graph: str, proto: onnx.ModelProto, module, cases, outputs) -> tuple[onnx.ModelProto, str]:
+    """onnxslim's result when it still verifies against PyTorch and agrees with the unslimmed graph."""
+    try:
+        import onnxslim
+
+        slim = onnxslim.slim(proto)
+        onnx.checker.check_model(slim)
+        check_graph(graph, module, OnnxRunner(slim.SerializeToString()), cases, outputs, FP32_TOLERANCE)
+        raw_runner, slim_runner = OnnxRunner(proto.SerializeToString()), OnnxRunner(slim.SerializeToString())
+        from cellseg.export.verify import relative_error
+        for _, x in cases:
+            for a, b in zip(raw_runner(x.numpy()), slim_runner(x.numpy())):
+                if not relative_error(b, a) <= FP32_TOLERANCE:
+                    return proto, "kept unslimmed: onnxslim changed outputs"
+        return slim, "onnxslim"
+    except ImportError:
+        return proto, "kept unslimmed: onnxslim not installed"
+    except VerificationError as err:
+        return proto, f"kept unslimmed: {err}"
+    except Exception as err:  # a slimmer bug must not fail the export: the raw graph is verified
+        return proto, f"kept unslimmed: onnxslim failed ({type(err).__name__})"
+
+
+def write_onnx_graphs(model, spec, metadata: dict[str, Any], digest: str, folder: Path, opset: int,
+                      fp16: bool) -> dict[str, Any]:
+    """Export, check, slim and verify the three graphs (and FP16 variants) into `folder`."""
+    io = graph_io(model, spec.size_divisible)
+    modules = graph_modules(model)
+    examples = example_inputs(model, spec.size_divisible)
+    cases = verification_inputs(model, spec)
+    report: dict[str, Any] = {"fp32": {}, "fp16": {}, "slim": {}}
+    fp32_results, fp16_results = [], []
+    for graph in GRAPH_NAMES:
+        raw_path = folder / f"{graph}.raw.onnx"
+        export_graph(modules[graph], examples[graph], io[graph], graph, raw_path, opset)
+        proto = onnx.load(str(raw_path))
+        raw_path.unlink()
+        onnx.checker.check_model(proto)
+        fp32_results += check_graph(graph, modules[graph], OnnxRunner(proto.SerializeToString()), cases[graph],
+                                    io[graph].outputs, FP32_TOLERANCE)
+        proto, how = _slim_if_equal(graph, proto, modules[graph], cases[graph], io[graph].outputs)
+        report["slim"][graph] = how
+        if fp16:
+            half = convert_to_fp16(proto)
+            runner = OnnxRunner(half.SerializeToString())
+            # onnx's reference evaluator is slow: small cases only when onnxruntime lacks kernels.
+            limit = None if runner.kind == "onnxruntime" else 200_000
+            fp16_results += check_graph(graph, modules[graph], runner, cases[graph], io[graph].outputs,
+                                        FP16_TOLERANCE, max_elements=limit)
+            report["fp16"]["runner"] = runner.kind
+            _set_metadata(half, onnx_metadata(metadata, digest, graph, "fp16"))
+            onnx.save(half, str(folder / f"{graph}.fp16.onnx"))
+        _set_metadata(proto, onnx_metadata(metadata, digest, graph, "fp32"))
+        onnx.save(proto, str(folder / f"{graph}.onnx"))
+    report["fp32"] = {"tolerance": FP32_TOLERANCE, "graphs": summarise(fp32_results)}
+    if fp16:
+        report["fp16"].update({"tolerance": FP16_TOLERANCE, "graphs": summarise(fp16_results)})
+    else:
+        del report["fp16"]
+    report["io"] = {g: {"inputs": list(io[g].inputs), "outputs": list(io[g].outputs)} for g in GRAPH_NAMES}
+    return report
+
+
+def write_end_to_end(model, spec, metadata: dict[str, Any], digest: str, folder: Path, opset: int) -> dict[str, Any]:
+    from cellseg.export.end_to_end import export_end_to_end, verify_end_to_end
+
+    path = folder / "model.onnx"
+    d = spec.size_divisible
+    export_end_to_end(model, path, opset, example_hw=(3 * d + 5, 4 * d - 3))
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto)
+    _set_metadata(proto, onnx_metadata(metadata, digest, "end_to_end", "fp32"))
+    onnx.save(proto, str(path))
+    worst = verify_end_to_end(model, path, verification_images(d), END_TO_END_TOLERANCE, END_TO_END_MASK_TOLERANCE)
+    return {"tolerance": END_TO_END_TOLERANCE, "mask_tolerance": END_TO_END_MASK_TOLERANCE, "max_error": worst,
+            "min_matched": 0.99, "cases": list(verification_images(d))}
+
+
+def _prepare_out(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise OutputExistsError(f"{out}: already exists (pass --force to overwrite)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+
+def _replace_folder(tmp: Path, out: Path) -> None:
+    """Move the finished temporary folder onto `out` (the old one goes only after the new is in)."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+        old.rmdir()
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export_model(checkpoint: str | Path, out_dir: str | Path, onnx: bool = True, trt: bool = False,
+                 fp16: bool = False, opset: int = 17, min_size: int = 64, opt_size: int = 512,
+                 max_size: int = 2560, max_rois: int = 0, force: bool = False) -> Path:
+    """Write the export folder; returns its path. See the module docstring for the layout."""
+    from cellseg.checkpoint import load_checkpoint, weights_hash
+    from cellseg.model import model_from_checkpoint
+
+    if not (onnx or trt):
+        raise InputError("nothing to export: pass --onnx and/or --trt")
+    if not 11 <= opset <= 20:
+        raise InputError(f"opset {opset} is not supported (11..20; TensorRT 10 parses up to 20)")
+    checkpoint, out = Path(checkpoint), Path(out_dir)
+    ckpt = load_checkpoint(checkpoint)
+    digest = weights_hash(ckpt.state_dict)
+    if onnx:
+        _prepare_out(out, force)
+        torch.set_grad_enabled(False)
+        try:
+            model = model_from_checkpoint(ckpt.state_dict, ckpt.spec, str(checkpoint)).cpu().eval()
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp.", dir=out.parent))
+            try:
+                report = write_onnx_graphs(model, ckpt.spec, ckpt.metadata, digest, tmp, opset, fp16)
+                report["end_to_end"] = write_end_to_end(model, ckpt.spec, ckpt.metadata, digest, tmp, opset)
+                shutil.copy2(checkpoint, tmp / "model.pt")
+                info = {"format": EXPORT_FORMAT, "metadata": ckpt.metadata, "weights_sha256": digest,
+                        "source_checkpoint": str(checkpoint), "checkpoint": "model.pt", "opset": opset,
+                        "graphs": {"fp32": {g: f"{g}.onnx" for g in GRAPH_NAMES},
+                                   **({"fp16": {g: f"{g}.fp16.onnx" for g in GRAPH_NAMES}} if fp16 else {})},
+                        "end_to_end": "model.onnx", "verification": report, "engines": {}}
+                atomic_write_json(tmp / "cellseg.json", info, indent=1)
+                _replace_folder(tmp, out)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        finally:
+            torch.set_grad_enabled(True)
+    if trt:
+        from cellseg.errors import BackendUnavailableError
+        from cellseg.export.tensorrt_build import build_engines
+
+        try:
+            build_engines(out, ckpt.spec, digest, fp16=fp16, min_size=min_size, opt_size=opt_size,
+                          max_size=max_size, max_rois=max_rois, force=force or onnx)
+        except BackendUnavailableError as err:
+            done = f"; the ONNX export in {out} is complete" if onnx else ""
+            raise BackendUnavailableError(f"cannot build TensorRT engines: {err}{done}") from None
+    return out

@@ -1,0 +1,254 @@
+"""TensorRT engines from the verified dense graphs, with the TensorRT Python API (10.x and 11.x).
+
+- Network: strongly typed (NetworkDefinitionCreationFlag.STRONGLY_TYPED; on 11.x every network is
+  strongly typed and the flag is only kept for compatibility). So the precision of an engine is
+  the precision written in the ONNX graph: FP32 engines from `g.onnx`, FP16 engines from
+  `g.fp16.onnx`. BuilderFlag.FP16/INT8 are never set (gone in 11.x; not allowed with strong
+  typing in 10.x). For FP32 engines TF32 is switched off where the flag exists, so they match the
+  verified FP32 graphs.
+- One optimisation profile per engine: images min/opt/max side (padded to size_divisible), RoIs
+  1/opt/max for the heads (the backend splits larger RoI batches).
+- A timing cache (DIR/timing.trt<version>.sm<cc>.cache) shared by the builds, the workspace memory-pool limit.
+- A sidecar JSON per engine: TensorRT version, GPU name and compute capability, precision,
+  profiles, weights hash; the trt backend checks it before deserialising.
+Not run on a GPU in this repository's CI: written to the TensorRT 10 / 11 Python API docs."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from cellseg.errors import BackendUnavailableError, CheckpointError, InputError, OutputExistsError
+from cellseg.fileio import atomic_write_bytes, atomic_write_json
+
+GRAPHS = ("backbone", "box_head", "mask_head")
+DEFAULT_WORKSPACE_BYTES = 4 << 30
+SIDECAR_FORMAT = "cellseg-trt-engine-v1"
+
+
+@dataclass(frozen=True)
+class Profile:
+    input: str
+    min: tuple[int, ...]
+    opt: tuple[int, ...]
+    max: tuple[int, ...]
+
+    def contains(self, shape: tuple[int, ...]) -> bool:
+        return len(shape) == len(self.min) and all(lo <= s <= hi for s, lo, hi in zip(shape, self.min, self.max))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Profile":
+        return cls(str(d["input"]), tuple(d["min"]), tuple(d["opt"]), tuple(d["max"]))
+
+
+@dataclass(frozen=True)
+class BuilderPlan:
+    """Version-dependent builder settings, decided without touching a GPU."""
+
+    major: int
+    network_flags: int
+    network_flag_names: tuple[str, ...]
+    set_flags: tuple[str, ...] = ()
+    clear_flags: tuple[str, ...] = ()
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+def trt_major(version: str) -> int:
+    try:
+        return int(str(version).split(".")[0])
+    except ValueError:
+        raise BackendUnavailableError(f"cannot read the TensorRT version {version!r}") from None
+
+
+def builder_plan(trt: ModuleType, precision: str) -> BuilderPlan:
+    """Network-creation flags and builder flags for this TensorRT module and engine precision."""
+    if precision not in ("fp32", "fp16"):
+        raise InputError(f"unknown engine precision {precision!r} (fp32, fp16)")
+    major = trt_major(trt.__version__)
+    if major < 10:
+        raise BackendUnavailableError(f"TensorRT {trt.__version__} is too old (cellseg builds with 10.x or 11.x)")
+    flags, names, notes = 0, [], []
+    strongly = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    if strongly is not None:
+        flags |= 1 << int(strongly)
+        names.append("STRONGLY_TYPED")
+    elif major == 10:
+        raise BackendUnavailableError(f"TensorRT {trt.__version__} lacks STRONGLY_TYPED networks")
+    else:
+        notes.append("TensorRT >= 11: every network is strongly typed")
+    clear = []
+    if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
+        clear.append("TF32")  # match the verified FP32 graphs; TF32 keeps only 10 mantissa bits
+    notes.append(f"precision {precision} comes from the ONNX graph's types (no FP16/INT8 builder flags)")
+    return BuilderPlan(major, flags, tuple(names), (), tuple(clear), tuple(notes))
+
+
+def _round_up(n: int, d: int) -> int:
+    return -(-int(n) // d) * d
+
+
+def engine_profiles(spec, channels: int, box_pool: int, mask_pool: int, min_size: int, opt_size: int,
+                    max_size: int, max_rois: int, max_batch: int = 1) -> dict[str, Profile]:
+    if not 0 < min_size <= opt_size <= max_size:
+        raise InputError(f"engine sizes must satisfy 0 < min ({min_size}) <= opt ({opt_size}) <= max ({max_size})")
+    d = spec.size_divisible
+    lo, mid, hi = (_round_up(s, d) for s in (min_size, opt_size, max_size))
+    rois = max_rois if max_rois > 0 else max(spec.rpn_post_nms_top_n_test, spec.box_detections_per_img)
+    box_opt = max(1, min(rois, spec.rpn_post_nms_top_n_test))
+    mask_opt = max(1, min(rois, max(1, spec.box_detections_per_img // 4)))
+    return {
+        "backbone": Profile("images", (1, 3, lo, lo), (1, 3, mid, mid), (max_batch, 3, hi, hi)),
+        "box_head": Profile("box_features", (1, channels, box_pool, box_pool),
+                            (box_opt, channels, box_pool, box_pool), (rois, channels, box_pool, box_pool)),
+        "mask_head": Profile("mask_features", (1, channels, mask_pool, mask_pool),
+                             (mask_opt, channels, mask_pool, mask_pool), (rois, channels, mask_pool, mask_pool)),
+    }
+
+
+def select_profile(profiles: list[Profile], shape: tuple[int, ...], what: str) -> int:
+    """Index of the first profile that admits `shape`; InputError (one line) when none does."""
+    for i, p in enumerate(profiles):
+        if p.contains(tuple(shape)):
+            return i
+    ranges = "; ".join(f"{p.input} {list(p.min)}..{list(p.max)}" for p in profiles)
+    raise InputError(f"{what}: input shape {list(shape)} is outside the engine's optimisation profile ({ranges}); "
+                     f"re-export with --min-size/--max-size covering it")
+
+
+def gpu_identity() -> tuple[str, tuple[int, int]]:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise BackendUnavailableError("CUDA is not available (TensorRT needs an NVIDIA GPU)")
+    return torch.cuda.get_device_name(), tuple(torch.cuda.get_device_capability())
+
+
+def require_tensorrt() -> ModuleType:
+    try:
+        import tensorrt
+    except ImportError:
+        raise BackendUnavailableError("tensorrt is not installed (pip install tensorrt; needs CUDA)") from None
+    return tensorrt
+
+
+def check_sidecar(sidecar: dict[str, Any], path: Path, trt_version: str, gpu_name: str,
+                  capability: tuple[int, int], expected_hash: str | None) -> None:
+    """Refuse an engine built by another TensorRT, for another GPU, or from other weights."""
+    if sidecar.get("format") != SIDECAR_FORMAT:
+        raise CheckpointError(f"{path}: not a cellseg engine sidecar")
+    if str(sidecar.get("tensorrt_version")) != str(trt_version):
+        raise CheckpointError(f"{path}: engine built with TensorRT {sidecar.get('tensorrt_version')}, "
+                              f"running {trt_version}; rebuild it (cellseg export --trt)")
+    if tuple(sidecar.get("compute_capability", ())) != tuple(capability):
+        raise CheckpointError(f"{path}: engine built for compute capability {sidecar.get('compute_capability')} "
+                              f"({sidecar.get('gpu_name')}), this GPU is {list(capability)} ({gpu_name}); rebuild it")
+    if expected_hash is not None and sidecar.get("weights_sha256") != expected_hash:
+        raise CheckpointError(f"{path}: engine weights hash differs from the export's cellseg.json")
+
+
+def read_sidecar(engine_path: Path) -> dict[str, Any]:
+    path = sidecar_path(engine_path)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: engine sidecar unreadable ({type(err).__name__})") from None
+
+
+def sidecar_path(engine_path: Path) -> Path:
+    return engine_path.with_suffix(".json")
+
+
+def build_engine(trt: ModuleType, onnx_path: Path, profile: Profile, plan: BuilderPlan, timing_cache: Path,
+                 workspace_bytes: int) -> bytes:
+    """Parse `onnx_path` into a strongly typed network and build a serialized engine."""
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(plan.network_flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise CheckpointError(f"{onnx_path}: TensorRT cannot parse it ({errors[0] if errors else 'no detail'})")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
+    for name in plan.set_flags:
+        config.set_flag(getattr(trt.BuilderFlag, name))
+    for name in plan.clear_flags:
+        config.clear_flag(getattr(trt.BuilderFlag, name))
+    cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    opt_profile = builder.create_optimization_profile()
+    opt_profile.set_shape(profile.input, profile.min, profile.opt, profile.max)
+    config.add_optimization_profile(opt_profile)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise CheckpointError(f"{onnx_path}: TensorRT failed to build an engine (see its log above)")
+    atomic_write_bytes(timing_cache, bytes(config.get_timing_cache().serialize()))
+    return bytes(serialized)
+
+
+def build_engines(folder: Path, spec, weights_sha256: str, fp16: bool = False, min_size: int = 64,
+                  opt_size: int = 512, max_size: int = 2560, max_rois: int = 0, force: bool = False,
+                  workspace_bytes: int = DEFAULT_WORKSPACE_BYTES, trt: ModuleType | None = None,
+                  gpu: tuple[str, tuple[int, int]] | None = None) -> dict[str, Any]:
+    """Build backbone/box_head/mask_head engines (FP32, and FP16 with `fp16`) next to their ONNX
+    graphs in `folder`; record them in cellseg.json. `trt`/`gpu` are injectable for tests."""
+    import onnx
+
+    folder = Path(folder)
+    trt = trt or require_tensorrt()
+    gpu_name, capability = gpu or gpu_identity()
+    info_path = folder / "cellseg.json"
+    if not info_path.is_file():
+        raise CheckpointError(f"{folder}: no cellseg.json (export the ONNX graphs first: --onnx)")
+    info = json.loads(info_path.read_text())
+    if info.get("weights_sha256") != weights_sha256:
+        raise CheckpointError(f"{info_path}: graphs come from other weights than this checkpoint")
+    precisions = ["fp32"] + (["fp16"] if fp16 else [])
+    onnx_files = {p: {g: folder / (f"{g}.onnx" if p == "fp32" else f"{g}.{p}.onnx") for g in GRAPHS}
+                  for p in precisions}
+    missing = [str(f) for files in onnx_files.values() for f in files.values() if not f.is_file()]
+    if missing:
+        raise CheckpointError(f"{missing[0]}: ONNX graph missing (export with --onnx{' --fp16' if fp16 else ''})")
+    backbone = onnx.load(str(onnx_files["fp32"]["backbone"]), load_external_data=False)
+    channels = _static_dim(backbone, 1)
+    box_pool, mask_pool = _pool_side(folder / "box_head.onnx"), _pool_side(folder / "mask_head.onnx")
+    profiles = engine_profiles(spec, channels, box_pool, mask_pool, min_size, opt_size, max_size, max_rois)
+    engines: dict[str, Any] = dict(info.get("engines") or {})
+    # A timing cache is only valid for one TensorRT version and GPU: one file per pair.
+    cache_path = folder / f"timing.trt{trt.__version__}.sm{capability[0]}{capability[1]}.cache"
+    for precision in precisions:
+        plan = builder_plan(trt, precision)
+        for graph in GRAPHS:
+            engine_path = folder / f"{graph}.{precision}.engine"
+            if engine_path.exists() and not force:
+                raise OutputExistsError(f"{engine_path}: already exists (pass --force to overwrite)")
+            data = build_engine(trt, onnx_files[precision][graph], profiles[graph], plan, cache_path, workspace_bytes)
+            sidecar = {"format": SIDECAR_FORMAT, "graph": graph, "precision": precision,
+                       "onnx": onnx_files[precision][graph].name, "tensorrt_version": str(trt.__version__),
+                       "gpu_name": gpu_name, "compute_capability": list(capability),
+                       "profiles": [{k: list(v) if isinstance(v, tuple) else v for k, v in asdict(profiles[graph]).items()}],
+                       "network_flags": list(plan.network_flag_names), "cleared_builder_flags": list(plan.clear_flags),
+                       "workspace_bytes": int(workspace_bytes), "weights_sha256": weights_sha256}
+            atomic_write_bytes(engine_path, data)
+            atomic_write_json(sidecar_path(engine_path), sidecar, indent=1)
+            engines[f"{graph}.{precision}"] = {"engine": engine_path.name, "sidecar": sidecar_path(engine_path).name}
+    info["engines"] = engines
+    atomic_write_json(info_path, info, indent=1)
+    return engines
+
+
+def _static_dim(proto, axis: int, output: int = 0) -> int:
+    dim = proto.graph.output[output].type.tensor_type.shape.dim[axis]
+    if not dim.HasField("dim_value"):
+        raise CheckpointError(f"graph {proto.graph.name}: output dimension {axis} is not static")
+    return int(dim.dim_value)
+
+
+def _pool_side(path: Path) -> int:
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    dim = proto.graph.input[0].type.tensor_type.shape.dim[2]
+    return int(dim.dim_value)
