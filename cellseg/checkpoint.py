@@ -1,0 +1,136 @@
+"""Self-describing checkpoints: one file {"state_dict", "metadata", optional "train_state"}.
+
+metadata (plain JSON):
+  {"schema_version": 1, "model": ModelSpec.to_dict(), "training": {...summary...},
+   "versions": {"torch", "torchvision", "cellseg", "python"}}
+train_state (only in RUN_DIR/last.pt): optimizer / scheduler / scaler state dicts, epoch, best
+metric, RNG states — tensors and plain data only, so `torch.load(weights_only=True)` reads it.
+Saved atomically (temporary file + rename); loading refuses anything the metadata does not describe.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch import Tensor
+
+import cellseg
+from cellseg.config import SCHEMA_VERSION, ModelSpec
+from cellseg.errors import CheckpointError
+from cellseg.fileio import atomic_write
+
+TOP_LEVEL_KEYS = {"state_dict", "metadata", "train_state"}
+METADATA_KEYS = {"schema_version", "model", "training", "versions"}
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    state_dict: dict[str, Tensor]
+    metadata: dict[str, Any]
+    spec: ModelSpec
+    train_state: dict[str, Any] | None
+
+
+def library_versions() -> dict[str, str]:
+    # str(): torch.__version__ is a TorchVersion, a class weights_only loading refuses.
+    return {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
+            "cellseg": cellseg.__version__, "python": platform.python_version()}
+
+
+def make_metadata(spec: ModelSpec, training: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"schema_version": SCHEMA_VERSION, "model": spec.to_dict(),
+            "training": dict(training or {}), "versions": library_versions()}
+
+
+def validate_metadata(metadata: Any, source: str) -> ModelSpec:
+    """Check the metadata is plain JSON with exactly the known sections; return its ModelSpec."""
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{source}: metadata is not a JSON object")
+    try:
+        same = json.loads(json.dumps(metadata)) == metadata
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{source}: metadata is not plain JSON ({err})") from None
+    if not same:
+        raise CheckpointError(f"{source}: metadata does not survive a JSON round trip (tuples, NaN or non-string keys)")
+    if metadata.get("schema_version") != SCHEMA_VERSION:
+        raise CheckpointError(f"{source}: checkpoint schema_version {metadata.get('schema_version')!r} "
+                              f"is not supported (this cellseg reads {SCHEMA_VERSION})")
+    unknown = sorted(set(metadata) - METADATA_KEYS)
+    if unknown:
+        raise CheckpointError(f"{source}: metadata has sections this cellseg does not know: {unknown}")
+    if "model" not in metadata:
+        raise CheckpointError(f"{source}: metadata lacks the 'model' section")
+    for section in ("training", "versions"):
+        if not isinstance(metadata.get(section, {}), dict):
+            raise CheckpointError(f"{source}: metadata '{section}' is not a JSON object")
+    try:
+        return ModelSpec.from_dict(metadata["model"])
+    except CheckpointError as err:
+        raise CheckpointError(f"{source}: {err}") from None
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{source}: model metadata is invalid ({err})") from None
+
+
+def _check_state_dict(state: Any, source: str) -> dict[str, Tensor]:
+    if not isinstance(state, dict) or not state:
+        raise CheckpointError(f"{source}: state_dict is missing or empty")
+    bad = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
+    if bad:
+        raise CheckpointError(f"{source}: state_dict entries are not named tensors: {bad[:3]}")
+    return state
+
+
+def save_checkpoint(path: str | Path, model_state: dict[str, Tensor], metadata: dict[str, Any],
+                    train_state: dict[str, Any] | None = None) -> Path:
+    """Write the checkpoint atomically (overwrites `path`: callers decide about existing files)."""
+    path = Path(path)
+    validate_metadata(metadata, str(path))
+    state = {k: v.detach().cpu() for k, v in _check_state_dict(model_state, str(path)).items()}
+    # Stored as parsed JSON: only builtin types (a str subclass would not load with weights_only).
+    payload: dict[str, Any] = {"state_dict": state, "metadata": json.loads(json.dumps(metadata))}
+    if train_state is not None:
+        payload["train_state"] = train_state
+    return atomic_write(path, lambda tmp: torch.save(payload, tmp), force=True)
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, random bytes, pickled classes weights_only refuses
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()] or [type(err).__name__]
+        first = next((ln for ln in lines if "Unpickler error" in ln), lines[0])[:200]
+        raise CheckpointError(f"{path}: not a readable cellseg checkpoint ({first})") from None
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{path}: not a cellseg checkpoint (top level is {type(payload).__name__})")
+    if "metadata" not in payload:
+        raise CheckpointError(f"{path}: checkpoint has no metadata (a bare state dict? "
+                              f"pass it as --weights to train instead)")
+    unknown = sorted(set(payload) - TOP_LEVEL_KEYS)
+    if unknown:
+        raise CheckpointError(f"{path}: checkpoint has entries this cellseg does not know: {unknown}")
+    spec = validate_metadata(payload["metadata"], str(path))
+    state = _check_state_dict(payload.get("state_dict"), str(path))
+    train_state = payload.get("train_state")
+    if train_state is not None and not isinstance(train_state, dict):
+        raise CheckpointError(f"{path}: train_state is not a dict")
+    return Checkpoint(path, state, payload["metadata"], spec, train_state)
+
+
+def weights_hash(state_dict: dict[str, Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and bytes of every tensor, in sorted name order."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
