@@ -57,7 +57,8 @@ class BenchData:
 
 def load_bench_data(data: Path) -> BenchData:
     """An HW3 layout folder (GT from its class files) or a COCO GT JSON whose images lie beside
-    it (file_name relative to the JSON's folder) or in an `images/` folder next to it."""
+    it (file_name relative to the JSON's folder), in an `images/` folder next to it, or in an HW3
+    `test_release/` folder next to it."""
     from cellseg.data.coco import coco_dataset_images, hw3_to_coco, load_coco_gt
     from cellseg.data.hw3 import find_train_root
 
@@ -68,14 +69,14 @@ def load_bench_data(data: Path) -> BenchData:
     elif data.is_file():
         gt = load_coco_gt(data)
         pairs = None
-        for folder in (data.parent, data.parent / "images"):
+        for folder in (data.parent, data.parent / "images", data.parent / "test_release"):
             try:
                 pairs = coco_dataset_images(gt, folder)
                 break
             except DataError:
                 continue
         if pairs is None:
-            raise DataError(f"{data}: its images are neither beside it nor in {data.parent / 'images'}")
+            raise DataError(f"{data}: its images are neither beside it nor in images/ or test_release/ next to it")
     else:
         raise InputError(f"{data}: no such data folder or COCO JSON")
     if not pairs:

@@ -98,7 +98,9 @@ def train(data: Path = typer.Argument(..., help="HW3 layout root (ROOT or ROOT/t
           crop_size: int = typer.Option(0, "--crop-size", help="train on random crops of this side (0 = whole images)"),
           max_iters_per_epoch: int = typer.Option(0, "--max-iters-per-epoch", help="cap iterations per epoch (0 = all)"),
           scale: float = typer.Option(1.0, "--scale", help="resize factor applied to every image (1 = native pixels)"),
-          workers: int = typer.Option(0, "--workers")):
+          workers: int = typer.Option(0, "--workers"),
+          model_set: list[str] = typer.Option([], "--set", help="model setting KEY=VALUE (a ModelSpec field, "
+                                              "e.g. box_score_thresh=0.1); repeatable")):
     """Train Mask R-CNN; validation COCO AP every epoch; resumable."""
     from cellseg.config import ARCHS, TrainConfig
     from cellseg.train import fit
@@ -109,9 +111,24 @@ def train(data: Path = typer.Argument(..., help="HW3 layout root (ROOT or ROOT/t
         raise InputError(f"unknown --device {device!r} (choose from auto, cpu, cuda)")
     cfg = TrainConfig(data=str(data), out=str(out), arch=arch, epochs=epochs, batch_size=batch_size, lr=lr,
                       val_fraction=val_fraction, device=device, weights=weights, resume=resume, seed=seed,
-                      workers=workers, crop_size=crop_size, max_iters_per_epoch=max_iters_per_epoch, scale=scale)
+                      workers=workers, crop_size=crop_size, max_iters_per_epoch=max_iters_per_epoch, scale=scale,
+                      extra={"model": _parse_settings(model_set)})
     best = fit(cfg)
     typer.echo(f"best checkpoint: {best}")
+
+
+def _parse_settings(items: list[str]) -> dict:
+    """KEY=VALUE pairs; VALUE is read as JSON when it parses (numbers, lists), else as a string."""
+    settings = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InputError(f"--set {item!r}: expected KEY=VALUE")
+        try:
+            settings[key] = json.loads(value)
+        except json.JSONDecodeError:
+            settings[key] = value
+    return settings
 
 
 # ---------------------------------------------------------------------------------------- infer

@@ -23,6 +23,8 @@ class DemoPlan:
     iters_per_epoch: int = 40
     batch_size: int = 2
     lr: float = 5e-4
+    model: dict = dataclasses.field(default_factory=dict)  # ModelSpec overrides (tests use tiny heads)
+    progress: bool = True
 
 
 def run_demo(out: Path, force: bool = False, train_iters: int = 0, plan: DemoPlan = DemoPlan(),
@@ -55,7 +57,8 @@ def run_demo(out: Path, force: bool = False, train_iters: int = 0, plan: DemoPla
     t = step(f"training maskrcnn_resnet18_fpn ({plan.epochs} x {plan.iters_per_epoch} iterations)")
     best = fit(TrainConfig(data=str(data), out=str(out / "run"), arch="maskrcnn_resnet18_fpn", epochs=plan.epochs,
                            batch_size=plan.batch_size, lr=plan.lr, val_fraction=0.2, device="auto", seed=0,
-                           max_iters_per_epoch=plan.iters_per_epoch, resume=(out / "run" / "last.pt").exists()))
+                           max_iters_per_epoch=plan.iters_per_epoch, resume=(out / "run" / "last.pt").exists(),
+                           extra={"model": plan.model, "progress": plan.progress}))
     timings["train"] = time.perf_counter() - t
 
     t = step("inferring the test images (torch backend)")
@@ -73,13 +76,13 @@ def run_demo(out: Path, force: bool = False, train_iters: int = 0, plan: DemoPla
 
     summary = {"metrics": metrics, "timings": timings, "artifacts": {"data": str(data), "checkpoint": str(best),
                "results": str(out / "results.json"), "overlays": str(out / "overlays")}}
-    summary.update(_export_and_bench(best, data, out, force, timings, step))
+    summary.update(_export_and_bench(best, data, out, timings, step, plan.progress))
     timings["total"] = time.perf_counter() - t_all
     _print_summary(summary, echo)
     return summary
 
 
-def _export_and_bench(best: Path, data: Path, out: Path, force: bool, timings: dict, step) -> dict:
+def _export_and_bench(best: Path, data: Path, out: Path, timings: dict, step, progress: bool) -> dict:
     """Export ONNX (+TensorRT when possible) and bench every available backend."""
     from cellseg.bench.harness import run_bench
     from cellseg.export.exporter import export_model
@@ -95,7 +98,7 @@ def _export_and_bench(best: Path, data: Path, out: Path, force: bool, timings: d
 
     t = step("benchmarking backends")
     report = run_bench(export_dir, data / "test_annotations.json", ["torch", "onnxruntime", "trt"],
-                       device="auto", warmup=1, iters=1, out=out / "bench", force=True)
+                       device="auto", warmup=1, iters=1, out=out / "bench", force=True, progress=progress)
     timings["bench"] = time.perf_counter() - t
     return {"export": str(export_dir), "trt_note": trt_note, "bench": str(out / "bench"),
             "bench_failures": report.get("failures", [])}

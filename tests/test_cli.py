@@ -103,3 +103,91 @@ def test_bad_inputs_exit_non_zero_with_the_file_named(tmp_path, synth_root):
 
     res = invoke("train", synth_root, "--out", tmp_path / "run", "--arch", "resnet9000")
     assert res.exit_code == 2 and "resnet9000" in one_line_error(res)
+
+
+TINY = ["--set", "rpn_pre_nms_top_n_train=64", "--set", "rpn_post_nms_top_n_train=64",
+        "--set", "rpn_pre_nms_top_n_test=64", "--set", "rpn_post_nms_top_n_test=64",
+        "--set", "box_batch_size_per_image=32", "--set", "rpn_batch_size_per_image=32",
+        "--set", "box_detections_per_img=64"]
+
+
+def test_train_infer_eval_end_to_end(synth_root, tmp_path):
+    run = tmp_path / "run"
+    res = invoke("train", synth_root, "--out", run, "--epochs", 1, "--max-iters-per-epoch", 2,
+                 "--device", "cpu", "--val-fraction", 0.3, *TINY)
+    assert res.exit_code == 0, res.output
+    assert (run / "best.pt").exists() and (run / "last.pt").exists()
+    # a second fresh run into the same folder is refused, and the checkpoint is kept
+    before = (run / "last.pt").read_bytes()
+    res = invoke("train", synth_root, "--out", run, "--epochs", 1, *TINY)
+    assert res.exit_code == 4 and (run / "last.pt").read_bytes() == before
+
+    results = tmp_path / "results.json"
+    res = invoke("infer", run / "best.pt", synth_root / "test_release", "--out", results, "--quiet",
+                 "--id-map", synth_root / "test_image_name_to_ids.json", "--overlays", tmp_path / "ov")
+    assert res.exit_code == 0, res.output
+    entries = json.loads(results.read_text())
+    id_map = {e["file_name"]: e for e in json.loads((synth_root / "test_image_name_to_ids.json").read_text())}
+    for e in entries:
+        assert set(e) == {"image_id", "category_id", "bbox", "score", "segmentation"}
+        assert e["category_id"] in (1, 2, 3, 4) and len(e["bbox"]) == 4
+    sizes = {v["id"]: [v["height"], v["width"]] for v in id_map.values()}
+    assert all(e["segmentation"]["size"] == sizes[e["image_id"]] for e in entries)
+    assert sorted(p.name for p in (tmp_path / "ov").iterdir()) == sorted(Path(n).stem + ".png" for n in id_map)
+
+    # never overwrite results silently; --force does
+    res = invoke("infer", run / "best.pt", synth_root / "test_release", "--out", results, "--quiet")
+    assert res.exit_code == 4 and "--force" in one_line_error(res)
+    res = invoke("infer", run / "best.pt", synth_root / "test_release", "--out", results, "--quiet", "--force",
+                 "--id-map", synth_root / "test_image_name_to_ids.json")
+    assert res.exit_code == 0, res.output
+
+    metrics = tmp_path / "metrics.json"
+    res = invoke("eval", results, "--gt", synth_root / "test_annotations.json", "--json", metrics)
+    assert res.exit_code == 0, res.output
+    m = json.loads(metrics.read_text())
+    assert 0.0 <= m["segm"]["AP"] <= 1.0 and m["segm"]["max_dets"] >= 100
+
+    # bad inputs: unknown backend, trt on a CPU machine, an id map that lacks a file, a corrupt image
+    res = invoke("infer", run / "best.pt", synth_root / "test_release", "--out", tmp_path / "r2.json", "--backend", "tpu")
+    assert res.exit_code == 2 and "onnxruntime" in one_line_error(res)
+    bad_map = tmp_path / "map.json"
+    bad_map.write_text(json.dumps([{"file_name": "other.tif", "id": 1, "height": 5, "width": 5}]))
+    res = invoke("infer", run / "best.pt", synth_root / "test_release", "--out", tmp_path / "r3.json", "--id-map", bad_map)
+    assert res.exit_code == 2 and ".tif" in one_line_error(res)
+    corrupt = tmp_path / "corrupt.tif"
+    corrupt.write_bytes(b"II*\x00garbage")
+    res = invoke("infer", run / "best.pt", corrupt, "--out", tmp_path / "r4.json", "--quiet")
+    assert res.exit_code == 2 and "corrupt.tif" in one_line_error(res)
+    assert not (tmp_path / "r4.json").exists()
+    res = invoke("train", synth_root, "--out", tmp_path / "run2", "--set", "no_such_setting=1")
+    assert res.exit_code == 2 and "no_such_setting" in one_line_error(res)
+
+
+def test_infer_as_subprocess_trt_missing_is_one_line(synth_root, tmp_path):
+    run = tmp_path / "run"
+    res = invoke("train", synth_root, "--out", run, "--epochs", 1, "--max-iters-per-epoch", 1,
+                 "--device", "cpu", "--val-fraction", 0, *TINY)
+    assert res.exit_code == 0, res.output
+    out = subprocess.run([sys.executable, "-m", "cellseg", "infer", str(run / "best.pt"),
+                          str(synth_root / "test_release"), "--out", str(tmp_path / "r.json"), "--backend", "trt"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 5, out.stderr
+    lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "trt" in lines[0]
+
+
+def test_demo_runs_the_whole_story(tmp_path):
+    from cellseg.demo import DemoPlan, run_demo
+
+    plan = DemoPlan(n_train=4, n_test=2, size=64, epochs=1, iters_per_epoch=1, progress=False,
+                    model={k.split("=")[0]: int(k.split("=")[1]) for k in TINY[1::2]})
+    lines: list[str] = []
+    summary = run_demo(tmp_path / "demo", plan=plan, echo=lines.append)
+    for key in ("synth", "train", "infer", "eval", "export", "bench", "total"):
+        assert key in summary["timings"]
+    assert (tmp_path / "demo" / "bench" / "report.md").exists()
+    assert (tmp_path / "demo" / "export" / "backbone.onnx").exists()
+    assert any("segm AP" in ln for ln in lines)
+    with pytest.raises(Exception, match="--force"):
+        run_demo(tmp_path / "demo", plan=plan, echo=lines.append)
