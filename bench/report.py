@@ -102,7 +102,7 @@ def render_markdown(report: dict) -> str:
         f"Machine: {env.get('cpu_model') or '?'}, {env.get('cpu_cores')} cores "
         f"({env.get('cpu_affinity')} usable, torch threads {env.get('torch_threads')}); GPU: {gpu}; "
         f"host {env.get('hostname')}, {env.get('platform')}.",
-        f"Versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val) + ".",
+        "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val) + ".",
         "",
         f"Model `{s['model']}`; data `{s['data']}`: {d['images']} images, {d['gt_instances']} GT instances "
         f"(at most {d['max_gt_instances_per_image']} per image). Device {s['device']}, warm-up "

@@ -290,7 +290,7 @@ def fit(cfg: TrainConfig) -> Path:
     """Train as `cfg` says; return the path of best.pt. See the module docstring."""
     rank, world, local_rank = _dist_env()
     run_dir = Path(cfg.out)
-    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
+    last_path = run_dir / "last.pt"
     if cfg.resume:
         if not last_path.is_file():
             raise TrainingError(f"{last_path}: not found, nothing to resume (drop --resume to start a new run)")

@@ -6,13 +6,12 @@ import collections
 import json
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
 import torch
 
-from cellseg.config import ModelSpec
 from cellseg.errors import BackendUnavailableError, OutputExistsError, VerificationError
+from helpers import save_tiny_checkpoint, tiny_spec
 
 torch.set_num_threads(1)
 
@@ -36,23 +35,6 @@ FORBIDDEN_OPS = frozenset({"Loop", "If", "NonZero", "NonMaxSuppression", "RoiAli
 # Resize modes the parser supports (operators.md, Resize row).
 TRT_RESIZE_MODES = {"nearest", "linear"}
 TRT_RESIZE_TRANSFORMS = {"half_pixel", "pytorch_half_pixel", "tf_half_pixel_for_nn", "asymmetric", "align_corners"}
-
-
-def tiny_spec() -> ModelSpec:
-    return ModelSpec(arch="maskrcnn_resnet18_fpn", class_names=("class1", "class2"), category_ids=(1, 2),
-                     anchor_sizes=(8, 16, 32, 64, 128), mask_head_channels=(16, 16), box_head_dim=64,
-                     rpn_pre_nms_top_n_test=200, rpn_post_nms_top_n_test=100, box_detections_per_img=50)
-
-
-def save_tiny_checkpoint(path: Path, spec: ModelSpec, seed: int = 0) -> Path:
-    from cellseg.checkpoint import make_metadata, save_checkpoint
-    from cellseg.model import build_model
-
-    torch.manual_seed(seed)
-    model = build_model(spec).eval()
-    metadata = make_metadata(spec)
-    save_checkpoint(path, model.state_dict(), metadata)
-    return path
 
 
 @pytest.fixture(scope="module")

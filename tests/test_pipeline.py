@@ -10,29 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from cellseg.config import ModelSpec
 from cellseg.errors import BackendUnavailableError, CheckpointError, InputError
 from cellseg.pipeline import Detections, Predictor, backend_names, load_predictor
+from helpers import save_tiny_checkpoint, tiny_spec
 
 torch.set_num_threads(1)
-
-
-def tiny_spec(scale: float = 1.0) -> ModelSpec:
-    return ModelSpec(arch="maskrcnn_resnet18_fpn", class_names=("class1", "class2"), category_ids=(1, 2),
-                     anchor_sizes=(8, 16, 32, 64, 128), mask_head_channels=(16, 16), box_head_dim=64,
-                     rpn_pre_nms_top_n_test=200, rpn_post_nms_top_n_test=100, box_detections_per_img=50,
-                     scale=scale)
-
-
-def save_tiny_checkpoint(path: Path, spec: ModelSpec, seed: int = 0):
-    from cellseg.checkpoint import make_metadata, save_checkpoint
-    from cellseg.model import build_model
-
-    torch.manual_seed(seed)
-    model = build_model(spec).eval()
-    metadata = make_metadata(spec)
-    save_checkpoint(path, model.state_dict(), metadata)
-    return model
 
 
 @pytest.fixture(scope="module")

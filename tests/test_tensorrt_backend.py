@@ -12,18 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from cellseg.config import ModelSpec
 from cellseg.errors import BackendUnavailableError, CheckpointError, InputError
 from cellseg.export.tensorrt_build import (SIDECAR_FORMAT, Profile, build_engines, builder_plan, check_sidecar,
                                            engine_profiles, select_profile)
+from helpers import tiny_spec
 
 torch.set_num_threads(1)
-
-
-def tiny_spec() -> ModelSpec:
-    return ModelSpec(arch="maskrcnn_resnet18_fpn", class_names=("class1", "class2"), category_ids=(1, 2),
-                     anchor_sizes=(8, 16, 32, 64, 128), mask_head_channels=(16, 16), box_head_dim=64,
-                     rpn_pre_nms_top_n_test=200, rpn_post_nms_top_n_test=100, box_detections_per_img=50)
 
 
 # ------------------------------------------------------------------ fake TensorRT module
