@@ -248,3 +248,22 @@ def test_kill_9_loses_no_finished_epoch(data, tmp_path):
     assert load_checkpoint(run / "last.pt").train_state["epoch"] == done + 1
     assert [r["epoch"] for r in read_metrics(run)] == list(range(1, done + 2))
     assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_crop_path_equals_full_mask_path_and_handles_empty_samples(data):
+    """The crop-local path (no full-size masks) gives exactly what cropping full masks gives."""
+    from cellseg.data.hw3 import class_names_of, find_train_root, list_sample_dirs
+
+    root = find_train_root(data)
+    dirs = list_sample_dirs(root)
+    names = class_names_of(root)
+    fast = CellDataset(dirs, names, augment=True, crop_size=40, seed=3)
+    slow = CellDataset(dirs, names, augment=True, crop_size=40, seed=3, cache=True)
+    for i in range(len(dirs)):
+        (a_img, a_t), (b_img, b_t) = fast[i], slow[i]
+        assert torch.equal(a_img, b_img)
+        for key in ("boxes", "labels", "masks"):
+            assert torch.equal(a_t[key], b_t[key]), (i, key)
+    empty = augment_sample(np.zeros((64, 64, 3), np.float32), np.zeros((0, 64, 64), bool),
+                           np.zeros(0, np.int64), np.random.default_rng(0), crop_size=32)
+    assert empty[1].shape == (0, 32, 32) and empty[3].shape == (0, 4)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from cellseg.data.hw3 import Sample, read_sample
+from cellseg.data.hw3 import Sample, read_instance_pixels, read_sample
 
 
 def boxes_from_masks(masks: np.ndarray) -> np.ndarray:
@@ -45,7 +45,7 @@ def augment_sample(image: np.ndarray, masks: np.ndarray, labels: np.ndarray, rng
         x0 = int(rng.integers(0, w - cw + 1))
         image = image[y0:y0 + ch, x0:x0 + cw]
         masks = masks[:, y0:y0 + ch, x0:x0 + cw]
-        keep = masks.reshape(masks.shape[0], -1).any(axis=1)
+        keep = masks.any(axis=(1, 2))
         masks, labels = masks[keep], labels[keep]
     if rng.random() < 0.5:
         image, masks = image[:, ::-1], masks[:, :, ::-1]
@@ -98,12 +98,39 @@ class CellDataset(Dataset):
                                   np.packbits(s.masks), s.masks.shape)
         return s
 
+    def cropped_sample(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A random crop_size window of the sample with crop-local masks only: a crowded 1024 px
+        image holds ~1000 instances, whose full-size masks would take 1 GB. Draws the window
+        from `rng` exactly as augment_sample would, so both paths give the same crop."""
+        image, labels, pixels = read_instance_pixels(self.sample_dirs[index], self.class_names)
+        h, w = image.shape[:2]
+        ch, cw = min(self.crop_size, h), min(self.crop_size, w)
+        y0 = int(rng.integers(0, h - ch + 1))
+        x0 = int(rng.integers(0, w - cw + 1))
+        masks, kept = [], []
+        for label, flat in zip(labels, pixels):
+            rows, cols = np.divmod(flat, w)
+            inside = (rows >= y0) & (rows < y0 + ch) & (cols >= x0) & (cols < x0 + cw)
+            if inside.any():
+                mask = np.zeros((ch, cw), bool)
+                mask[rows[inside] - y0, cols[inside] - x0] = True
+                masks.append(mask)
+                kept.append(label)
+        return (image[y0:y0 + ch, x0:x0 + cw], np.asarray(masks, bool).reshape(-1, ch, cw),
+                np.asarray(kept, np.int64))
+
     def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Any]]:
-        s = self.sample(index)
-        image, masks, labels, boxes = s.image, s.masks, s.labels, s.boxes
         if self.augment:
             rng = np.random.default_rng([self.seed, self.epoch, index])
-            image, masks, labels, boxes = augment_sample(image, masks, labels, rng, self.crop_size)
+            if self.crop_size > 0 and not self.cache:
+                image, masks, labels = self.cropped_sample(index, rng)
+                image, masks, labels, boxes = augment_sample(image, masks, labels, rng)
+            else:
+                s = self.sample(index)
+                image, masks, labels, boxes = augment_sample(s.image, s.masks, s.labels, rng, self.crop_size)
+        else:
+            s = self.sample(index)
+            image, masks, labels, boxes = s.image, s.masks, s.labels, s.boxes
         h, w = image.shape[:2]
         target = {
             "boxes": torch.as_tensor(np.asarray(boxes, np.float32).reshape(-1, 4)),
