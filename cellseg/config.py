@@ -45,6 +45,11 @@ class ModelSpec:
     box_head_dim: int = 1024
     mask_head_channels: tuple[int, ...] = (256, 256, 256, 256)
     mask_thresh: float = 0.5
+    # Instances per million pixels of the densest training image (after `scale`). At inference the
+    # detection and proposal budgets above are minimums: an image gets at least 2x this density
+    # times its own area, so a 1024 px tile of the same tissue as 256 px training crops keeps the
+    # crops' per-cell budget (cellseg.model.inference_budgets). 0 = fixed budgets per image.
+    max_instances_per_mpx: float = 0.0
     schema_version: int = SCHEMA_VERSION
 
     @property

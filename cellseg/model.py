@@ -252,7 +252,7 @@ def build_model(spec: ModelSpec, weights: str | None = None) -> MaskRCNN:
     if spec.arch not in ARCHS:
         raise InputError(f"unknown architecture {spec.arch!r} (known: {', '.join(ARCHS)})")
     if weights in (None, "", "none"):
-        return _build_architecture(spec, pretrained=False)
+        return _with_budgets(_build_architecture(spec, pretrained=False), spec)
     if weights == "default":
         state, source = _download_default(spec.arch)
     else:
@@ -261,7 +261,18 @@ def build_model(spec: ModelSpec, weights: str | None = None) -> MaskRCNN:
     report = load_matching_weights(model, state, source)
     warnings.warn(report.summary(), stacklevel=2)
     model.cellseg_weights_report = report  # for callers that want to log it
+    return _with_budgets(model, spec)
+
+
+def _with_budgets(model: MaskRCNN, spec: ModelSpec) -> MaskRCNN:
+    model.cellseg_spec = spec
+    model.register_forward_pre_hook(_budget_pre_hook(spec))
     return model
+
+
+def spec_of(model: nn.Module) -> ModelSpec:
+    """The ModelSpec a model was built from (unwrapping DistributedDataParallel)."""
+    return getattr(model, "module", model).cellseg_spec
 
 
 def model_from_checkpoint(state_dict: dict[str, Tensor], spec: ModelSpec, source: str = "checkpoint") -> MaskRCNN:
@@ -276,6 +287,41 @@ def model_from_checkpoint(state_dict: dict[str, Tensor], spec: ModelSpec, source
     return model.eval()
 
 
+def inference_budgets(spec: ModelSpec, height: int, width: int) -> tuple[int, int, int]:
+    """(RPN pre-NMS top-n per level, RPN post-NMS top-n, detections) for a network input of
+    height x width: the spec's numbers, raised to 2x the densest training image's instances per
+    pixel times this area. Budgets per image that ignore the area would let a large tile of the
+    same tissue keep fewer cells per pixel than the crops the model was trained and scored on."""
+    need = math.ceil(2.0 * spec.max_instances_per_mpx * height * width / 1e6)
+    detections = max(spec.box_detections_per_img, need)
+    return (max(spec.rpn_pre_nms_top_n_test, detections), max(spec.rpn_post_nms_top_n_test, detections),
+            detections)
+
+
+def apply_inference_budgets(model: MaskRCNN, spec: ModelSpec, image_sizes: Sequence[tuple[int, int]]) -> None:
+    """Set the model's test-time RPN and detection budgets for a batch of network-input sizes
+    (the largest image decides; one image at a time is the usual inference batch)."""
+    h, w = max(((int(a), int(b)) for a, b in image_sizes), key=lambda s: s[0] * s[1])
+    pre, post, detections = inference_budgets(spec, h, w)
+    model.rpn._pre_nms_top_n["testing"] = pre
+    model.rpn._post_nms_top_n["testing"] = post
+    model.roi_heads.detections_per_img = detections
+
+
+def _budget_pre_hook(spec: ModelSpec):
+    """forward pre-hook: an eager `model(images)` in eval mode gets the same per-image budgets as
+    cellseg's pipeline (sizes as NativeScaleTransform's interpolate computes them: floor)."""
+
+    def hook(model: MaskRCNN, args: tuple) -> None:
+        if model.training or not args:
+            return
+        sizes = [(math.floor(im.shape[-2] * spec.scale), math.floor(im.shape[-1] * spec.scale)) for im in args[0]]
+        if sizes:
+            apply_inference_budgets(model, spec, sizes)
+
+    return hook
+
+
 @torch.no_grad()
 def predict_raw(model: MaskRCNN, images: list[Tensor]) -> list[dict[str, Tensor]]:
     """Eval-mode forward without pasting masks: per image {"boxes" (N,4) xyxy in input-image
@@ -284,6 +330,7 @@ def predict_raw(model: MaskRCNN, images: list[Tensor]) -> list[dict[str, Tensor]
         raise RuntimeError("predict_raw needs model.eval()")
     original_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
     image_list, _ = model.transform(images)
+    apply_inference_budgets(model, spec_of(model), image_list.image_sizes)
     features = model.backbone(image_list.tensors)
     proposals, _ = model.rpn(image_list, features)
     detections, _ = model.roi_heads(features, proposals, image_list.image_sizes)
@@ -300,13 +347,16 @@ def _power_of_two_near(x: float) -> int:
 
 def spec_from_data(arch: str, class_names: Sequence[str], category_ids: Sequence[int],
                    object_sizes: np.ndarray, max_instances: int, scale: float = 1.0,
+                   max_instances_per_mpx: float = 0.0,
                    **overrides: Any) -> ModelSpec:
     """A ModelSpec sized from the training data.
 
     object_sizes: one size per training instance in pixels (max(w, h) of its box, or sqrt(area)).
     Anchors: 5 FPN levels doubling from the power of two nearest the 10th percentile of the object
     sizes after `scale` (at least 8): CoNSeP nuclei (5-60 px) get 8..128 instead of 32..512.
-    Detections and test-time proposals: max(1000, 2 * max_instances) — never a silent 100."""
+    Detections and test-time proposals: max(1000, 2 * max_instances) — never a silent 100 — and
+    at inference at least 2x `max_instances_per_mpx` (densest training image, per 1e6 pixels
+    before `scale`) times the image's area (see inference_budgets)."""
     if arch not in ARCHS:
         raise InputError(f"unknown architecture {arch!r} (known: {', '.join(ARCHS)})")
     sizes = np.asarray(object_sizes, dtype=np.float64).ravel() * scale
@@ -315,7 +365,8 @@ def spec_from_data(arch: str, class_names: Sequence[str], category_ids: Sequence
     detections = max(MIN_DETECTIONS, 2 * int(max_instances))
     values: dict[str, Any] = dict(
         arch=arch, class_names=tuple(class_names), category_ids=tuple(int(c) for c in category_ids),
-        scale=float(scale), anchor_sizes=tuple(smallest * 2 ** i for i in range(5)),
+        scale=float(scale), max_instances_per_mpx=float(max_instances_per_mpx) / (scale * scale) if scale > 0 else 0.0,
+        anchor_sizes=tuple(smallest * 2 ** i for i in range(5)),
         box_detections_per_img=detections,
         rpn_pre_nms_top_n_test=detections, rpn_post_nms_top_n_test=detections,
         rpn_pre_nms_top_n_train=max(2000, detections), rpn_post_nms_top_n_train=max(2000, detections),

@@ -24,6 +24,7 @@ from torchvision.models.detection.rpn import concat_box_prediction_layers
 from cellseg.backends.base import BACKEND_PREFERENCE, Backend
 from cellseg.config import ModelSpec
 from cellseg.errors import BackendUnavailableError, CheckpointError, InputError
+from cellseg.model import apply_inference_budgets
 
 STAGES = ("preprocess", "backbone", "rpn", "box_head", "roi_glue", "mask_head")
 EXPORT_JSON = "cellseg.json"
@@ -78,6 +79,7 @@ class Predictor:
         x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1).to(self.device)
         images, _ = self.model.transform([x])
         image_sizes = images.image_sizes
+        apply_inference_budgets(self.model, self.spec, image_sizes)
         t = self._tick("preprocess", t)
 
         features, objectness, deltas = self.backend.run_backbone(images.tensors)

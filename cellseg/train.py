@@ -40,7 +40,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from cellseg.checkpoint import load_checkpoint, make_metadata, save_checkpoint, weights_hash
 from cellseg.config import ModelSpec, TrainConfig
 from cellseg.data.dataset import CellDataset, collate
-from cellseg.data.hw3 import class_names_of, find_train_root, list_sample_dirs, read_sample, split_train_val
+from cellseg.data.hw3 import (class_names_of, find_train_root, list_sample_dirs, pixels_to_box, read_instance_pixels,
+                              read_sample, split_train_val)
 from cellseg.errors import OutputExistsError, TrainingError
 from cellseg.fileio import atomic_write_json, atomic_write_text
 from cellseg.model import build_model, predict_raw, spec_from_data
@@ -262,15 +263,19 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
 
 
-def _data_stats(dirs: Sequence[Path], class_names: tuple[str, ...]) -> tuple[np.ndarray, int]:
-    """max(w, h) of every training box, and the most instances in one training image."""
-    sizes, most = [], 0
+def _data_stats(dirs: Sequence[Path], class_names: tuple[str, ...]) -> tuple[np.ndarray, int, float]:
+    """max(w, h) of every training box, the most instances in one training image, and the most
+    instances per million pixels in one training image."""
+    sizes, most, density = [], 0, 0.0
     for d in dirs:
-        s = read_sample(d, class_names)
-        if len(s.boxes):
-            sizes.append(np.maximum(s.boxes[:, 2] - s.boxes[:, 0], s.boxes[:, 3] - s.boxes[:, 1]))
-        most = max(most, len(s.labels))
-    return (np.concatenate(sizes) if sizes else np.zeros(0)), most
+        image, labels, pixels = read_instance_pixels(d, class_names)
+        h, w = image.shape[:2]
+        if pixels:
+            boxes = np.array([pixels_to_box(p, w) for p in pixels], np.float32)
+            sizes.append(np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]))
+        most = max(most, len(labels))
+        density = max(density, len(labels) * 1e6 / (h * w))
+    return (np.concatenate(sizes) if sizes else np.zeros(0)), most, density
 
 
 def _read_config(run_dir: Path, cfg: TrainConfig) -> TrainConfig:
@@ -339,9 +344,11 @@ def _fit(cfg: TrainConfig, run_dir: Path, device: torch.device, rank: int, world
     else:
         torch.manual_seed(cfg.seed + rank)  # before building: the random init is part of the run
         random.seed(cfg.seed + rank)
-        sizes, most = _data_stats(train_dirs, class_names)
+        sizes, most, density = _data_stats(train_dirs, class_names)
+        overrides = dict(cfg.extra.get("model", {}))
+        density = float(overrides.pop("max_instances_per_mpx", density))
         spec = spec_from_data(cfg.arch, class_names, tuple(range(1, len(class_names) + 1)), sizes, most,
-                              scale=cfg.scale, **dict(cfg.extra.get("model", {})))
+                              scale=cfg.scale, max_instances_per_mpx=density, **overrides)
         model = build_model(spec, None if cfg.weights in ("", "none") else cfg.weights)
         if is_main:
             run_dir.mkdir(parents=True, exist_ok=True)

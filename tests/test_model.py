@@ -220,3 +220,33 @@ def test_model_from_checkpoint_is_strict():
     wrong = tiny_spec(mask_head_channels=[64, 64])
     with pytest.raises(CheckpointError, match="do not fit"):
         model_from_checkpoint(state, wrong, "x.pt")
+
+
+def test_inference_budgets_grow_with_image_area_not_per_image():
+    from cellseg.model import apply_inference_budgets, inference_budgets
+
+    spec = tiny_spec()
+    assert spec.max_instances_per_mpx == 0.0 or spec.max_instances_per_mpx > 0
+    dense = spec_from_data("maskrcnn_resnet18_fpn", NAMES, (1, 2, 3), np.array([10.0, 12, 14]), 189,
+                           max_instances_per_mpx=189 * 1e6 / 256 ** 2)
+    # a 256 px crop keeps the fixed minimums; a 1024 px tile of the same tissue gets 16 crops' worth
+    assert inference_budgets(dense, 256, 256) == (1000, 1000, 1000)
+    pre, post, det = inference_budgets(dense, 1024, 1024)
+    assert det == 2 * 189 * 16 and post == det and pre == det
+    fixed = spec_from_data("maskrcnn_resnet18_fpn", NAMES, (1, 2, 3), np.array([10.0]), 189)
+    assert inference_budgets(fixed, 4096, 4096) == (1000, 1000, 1000)
+    # the eager model applies the same budgets as the pipeline (forward pre-hook); a tiny model
+    # whose density asks for 200 detections on a 128 px image
+    small = tiny_spec(box_detections_per_img=20, rpn_pre_nms_top_n_test=20, rpn_post_nms_top_n_test=20,
+                      box_score_thresh=0.99, max_instances_per_mpx=100 * 1e6 / 128 ** 2)
+    model = build_model(small).eval()
+    with torch.no_grad():
+        model([torch.rand(3, 128, 128)])
+    assert model.roi_heads.detections_per_img == 200
+    assert model.rpn._post_nms_top_n["testing"] == 200
+    apply_inference_budgets(model, small, [(64, 64)])
+    assert model.roi_heads.detections_per_img == 50
+    # scale: density is per network-input pixel
+    scaled = spec_from_data("maskrcnn_resnet18_fpn", NAMES, (1, 2, 3), np.array([10.0]), 189, scale=0.5,
+                            max_instances_per_mpx=1000.0)
+    assert scaled.max_instances_per_mpx == pytest.approx(4000.0)
