@@ -23,7 +23,6 @@ import platform
 import resource
 import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ import numpy as np
 
 from cellseg.errors import (BackendUnavailableError, CellsegError, DataError, InputError,
                             OutputExistsError)
+from cellseg.fileio import make_temp_dir
 
 REPORT_FILES = ("report.json", "report.md", "latency.png")
 PARITY_IOU = 0.95
@@ -497,11 +497,8 @@ def replace_dir_atomically(out: Path, fill: Callable[[Path], None], force: bool)
     out = Path(out)
     check_out_dir(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp = make_temp_dir(out.parent, f".{out.name}.")
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; a report folder is ordinary
         fill(tmp)
         if out.is_dir() and not any(out.iterdir()):
             out.rmdir()

@@ -163,7 +163,7 @@ def plot_latency(report: dict, path: Path) -> None:
     fig, (ax_lat, ax_stage) = plt.subplots(1, 2, figsize=(13, max(4.0, 1.2 + 0.7 * len(rows))))
     data = [report["latencies_ms"].get(n, []) or [0.0] for n in names]
     if names:
-        ax_lat.boxplot(data, vert=False, tick_labels=names, showmeans=True)
+        ax_lat.boxplot(data, orientation="horizontal", tick_labels=names, showmeans=True)
     ax_lat.invert_yaxis()  # rows top to bottom in table order
     ax_lat.set_xlabel("latency per image (ms)")
     ax_lat.set_title("latency distribution")

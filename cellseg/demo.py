@@ -19,7 +19,7 @@ class DemoPlan:
     n_train: int = 24
     n_test: int = 4
     size: int = 192
-    epochs: int = 4
+    epochs: int = 12
     iters_per_epoch: int = 40
     batch_size: int = 2
     lr: float = 5e-4

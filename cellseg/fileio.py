@@ -21,6 +21,20 @@ def check_writable(path: str | os.PathLike, force: bool = False) -> Path:
     return path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def make_temp_dir(parent: str | os.PathLike, prefix: str) -> Path:
+    """A temporary folder in `parent` with ordinary permissions (mkdtemp makes 0700), to be
+    filled and renamed into place."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=parent))
+    os.chmod(path, 0o777 & ~_umask())
+    return path
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], force: bool = True) -> Path:
     """Call `write(tmp_path)` then rename tmp_path onto `path` (same folder, so the rename is
     atomic on POSIX). On any exception the temporary file is removed and `path` is untouched."""
@@ -30,6 +44,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], force: 
     tmp_path = Path(tmp)
     try:
         write(tmp_path)
+        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; results are ordinary files
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)

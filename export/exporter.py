@@ -28,7 +28,7 @@ from cellseg.export.onnx_graphs import GRAPH_NAMES, example_inputs, export_graph
 from cellseg.export.verify import (END_TO_END_MASK_TOLERANCE, END_TO_END_TOLERANCE, FP16_TOLERANCE,
                                    FP32_TOLERANCE, OnnxRunner, check_graph, summarise, verification_images,
                                    verification_inputs)
-from cellseg.fileio import atomic_write_json
+from cellseg.fileio import atomic_write_json, make_temp_dir
 
 EXPORT_FORMAT = "cellseg-export-v1"
 METADATA_KEY = "cellseg"
@@ -162,7 +162,7 @@ def export_model(checkpoint: str | Path, out_dir: str | Path, onnx: bool = True,
         torch.set_grad_enabled(False)
         try:
             model = model_from_checkpoint(ckpt.state_dict, ckpt.spec, str(checkpoint)).cpu().eval()
-            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp.", dir=out.parent))
+            tmp = make_temp_dir(out.parent, f".{out.name}.")
             try:
                 report = write_onnx_graphs(model, ckpt.spec, ckpt.metadata, digest, tmp, opset, fp16)
                 report["end_to_end"] = write_end_to_end(model, ckpt.spec, ckpt.metadata, digest, tmp, opset)
