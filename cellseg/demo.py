@@ -54,7 +54,7 @@ def run_demo(out: Path, force: bool = False, train_iters: int = 0, plan: DemoPla
     data = synthesize(out / "data", n_train=plan.n_train, n_test=plan.n_test, seed=0, size=plan.size, force=force)
     timings["synth"] = time.perf_counter() - t
 
-    t = step(f"training maskrcnn_resnet18_fpn ({plan.epochs} x {plan.iters_per_epoch} iterations)")
+    t = step(f"training maskrcnn_resnet18_fpn ({plan.epochs} epochs of at most {plan.iters_per_epoch} iterations)")
     best = fit(TrainConfig(data=str(data), out=str(out / "run"), arch="maskrcnn_resnet18_fpn", epochs=plan.epochs,
                            batch_size=plan.batch_size, lr=plan.lr, val_fraction=0.2, device="auto", seed=0,
                            max_iters_per_epoch=plan.iters_per_epoch, resume=(out / "run" / "last.pt").exists(),

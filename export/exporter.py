@@ -19,10 +19,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import onnx
 import torch
 
-from cellseg.errors import InputError, OutputExistsError, VerificationError
+from cellseg.errors import BackendUnavailableError, InputError, OutputExistsError, VerificationError
+
+try:
+    import onnx
+except ImportError:  # the export stage needs the cpu or gpu extra
+    raise BackendUnavailableError("onnx is not installed (pip install 'cellseg[cpu]' or 'cellseg[gpu]')") from None
+
 from cellseg.export.fp16 import convert_to_fp16
 from cellseg.export.onnx_graphs import GRAPH_NAMES, example_inputs, export_graph, graph_io, graph_modules
 from cellseg.export.verify import (END_TO_END_MASK_TOLERANCE, END_TO_END_TOLERANCE, FP16_TOLERANCE,
