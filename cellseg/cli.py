@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -113,7 +114,8 @@ def train(data: Path = typer.Argument(..., help="HW3 layout root (ROOT or ROOT/t
                       workers=workers, crop_size=crop_size, max_iters_per_epoch=max_iters_per_epoch, scale=scale,
                       extra={"model": _parse_settings(model_set)})
     best = fit(cfg)
-    typer.echo(f"best checkpoint: {best}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
+        typer.echo(f"best checkpoint: {best}")
 
 
 def _parse_settings(items: list[str]) -> dict:
