@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from cellseg.data.coco import rle_areas
 from cellseg.errors import InputError
 
 IOU_TYPES = ("segm", "bbox")
@@ -302,8 +303,8 @@ def match_instances(ref: list[dict], other: list[dict], iou: float = 0.95) -> di
         ious = np.asarray(mask_utils.iou(other_rles, ref_rles, [0] * len(ref_rles)))  # [O, R]
         ious = ious.reshape(len(others), len(refs))
         # pycocotools gives two empty masks IoU 0; for parity they are the same mask.
-        other_empty = np.asarray(mask_utils.area(other_rles)) == 0
-        ref_empty = np.asarray(mask_utils.area(ref_rles)) == 0
+        other_empty = rle_areas(other_rles) == 0
+        ref_empty = rle_areas(ref_rles) == 0
         ious[np.outer(other_empty, ref_empty)] = 1.0
         taken = np.zeros(len(others), dtype=bool)
         for j, r in enumerate(refs):

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from pycocotools import mask as mask_util
 from torch import Tensor
 
+from cellseg.data.coco import rle_areas
 from cellseg.errors import InputError
 
 PASTE_PADDING = 1  # torchvision's paste_masks_in_image default: 1 px of zeros around the mask
@@ -84,7 +85,7 @@ def rle_area_bbox(rles: Sequence[dict]) -> tuple[np.ndarray, np.ndarray]:
     if len(rles) == 0:
         return np.zeros(0, np.int64), np.zeros((0, 4), np.float64)
     as_bytes = [{"size": r["size"], "counts": _as_bytes(r["counts"])} for r in rles]
-    area = np.asarray(mask_util.area(as_bytes), dtype=np.int64)
+    area = rle_areas(as_bytes)
     bbox = np.asarray(mask_util.toBbox(as_bytes), dtype=np.float64).reshape(-1, 4)
     return area, bbox
 

@@ -245,3 +245,18 @@ def test_hw3_sample_gt_against_itself_needs_max_dets_above_100():
     assert scores["segm"]["AP"] == pytest.approx(1.0) and scores["bbox"]["AP"] == pytest.approx(1.0)
     assert pycocotools_ap(gt, results, "segm", max_dets=scores["segm"]["max_dets"])["AP"] == pytest.approx(1.0)
     assert pycocotools_ap(gt, results, "segm", max_dets=100)["AP"] < 0.9
+
+
+def test_match_instances_with_more_than_255_instances_per_image():
+    """pycocotools' area() overflows on lists of > 255 RLEs; crowded images have ~1000."""
+    from pycocotools import mask as mask_utils
+
+    masks = np.zeros((40, 40, 300), np.uint8, order="F")
+    for i in range(300):
+        r, c = divmod(i, 20)
+        masks[r * 2:(r * 2) + 2, c * 2:(c * 2) + 2, i] = 1
+    rles = mask_utils.encode(masks)
+    results = [{"image_id": 1, "category_id": 1, "score": 1.0, "bbox": [0, 0, 2, 2],
+                "segmentation": {"size": r["size"], "counts": r["counts"].decode()}} for r in rles]
+    match = match_instances(results, results, iou=0.95)
+    assert match["matched"] == 300 and match["matched_share"] == 1.0

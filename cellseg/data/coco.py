@@ -48,6 +48,18 @@ def decode_rle(rle: dict) -> np.ndarray:
     return _decode(compressed)
 
 
+
+def rle_areas(rles: list[dict]) -> np.ndarray:
+    """Pixel count of each RLE. pycocotools' `area` on a list of more than 255 RLEs overflows a
+    uint8 inside its C code (2.0.11: "Python integer 300 out of bounds for uint8"), so call it on
+    chunks; cell images easily hold more instances than that."""
+    from pycocotools import mask as mask_utils
+
+    chunk = 128
+    parts = [np.asarray(mask_utils.area(rles[i:i + chunk]), dtype=np.int64).reshape(-1)
+             for i in range(0, len(rles), chunk)]
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
 def annotation_mask(ann: dict, height: int, width: int) -> np.ndarray:
     """HxW bool mask of a COCO annotation: polygons, compressed RLE or uncompressed RLE."""
     seg = ann["segmentation"]
