@@ -103,16 +103,20 @@ _PALETTE = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200]
                     dtype=np.float32)
 
 
+OVERLAY_MIN_SCORE = 0.5  # overlays are for looking: the results JSON keeps every detection
+
+
 def write_overlay(image: np.ndarray, entries: list[dict], class_names: Sequence[str],
-                  category_ids: Sequence[int], out: Path) -> Path:
-    """A PNG with each instance filled in its class colour (half transparent), outlined, and a
-    class label at its box corner."""
+                  category_ids: Sequence[int], out: Path, min_score: float = OVERLAY_MIN_SCORE) -> Path:
+    """A PNG with each instance scoring >= min_score filled in its class colour (half
+    transparent), outlined, and labelled with class and score at its box corner."""
     from PIL import Image, ImageDraw
     from pycocotools import mask as mask_utils
 
     canvas = (np.clip(image, 0, 1) * 255).astype(np.float32)
     names = dict(zip(category_ids, class_names))
     colour_of = {cid: _PALETTE[i % len(_PALETTE)] for i, cid in enumerate(category_ids)}
+    entries = [e for e in entries if e["score"] >= min_score]
     for e in entries:
         m = mask_utils.decode(e["segmentation"]).astype(bool)
         canvas[m] = 0.5 * canvas[m] + 0.5 * colour_of.get(e["category_id"], _PALETTE[0])
