@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import json
 import math
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
@@ -28,6 +27,7 @@ import numpy as np
 
 from cellseg.data.coco import rle_areas
 from cellseg.errors import InputError
+from cellseg.fileio import read_json
 
 IOU_TYPES = ("segm", "bbox")
 DEFAULT_MAX_DETS = 100  # COCO's; M is never below it
@@ -220,14 +220,7 @@ def load_results(path: str | Path) -> list[dict]:
     "segmentation" {"size": [h, w], "counts": str}, "bbox" [x, y, w, h]}; at least one of
     segmentation/bbox). Raises InputError naming the file and the first bad entry."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{path}: results file not found") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise InputError(f"{path}: cannot read results file ({err})") from None
-    except json.JSONDecodeError as err:
-        raise InputError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    data = read_json(path, "results file")
     if not isinstance(data, list):
         raise InputError(f"{path}: results must be a JSON list of detections, got {type(data).__name__}")
     for i, r in enumerate(data):

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cellseg.errors import OutputExistsError
+from cellseg.errors import DataError, OutputExistsError
 
 
 def check_writable(path: str | os.PathLike, force: bool = False) -> Path:
@@ -62,3 +62,17 @@ def atomic_write_text(path: str | os.PathLike, text: str, force: bool = True) ->
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, force: bool = True, indent: int | None = None) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=indent), force)
+
+
+def read_json(path: str | os.PathLike, what: str) -> Any:
+    """Parse a JSON file; a missing, unreadable or malformed file is a one-line DataError that
+    names the file and says what it should have been (`what`, e.g. "COCO GT file")."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: {what} not found")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: cannot read {what} ({err})") from None
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None

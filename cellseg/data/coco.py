@@ -5,7 +5,6 @@ str so that they are JSON-serialisable).
 """
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from collections.abc import Iterable, Sequence
@@ -18,7 +17,7 @@ from pycocotools import mask as mask_utils
 
 from cellseg.data.hw3 import class_names_of, list_sample_dirs, read_instance_pixels
 from cellseg.errors import DataError
-from cellseg.fileio import atomic_write_json
+from cellseg.fileio import atomic_write_json, read_json
 
 
 def encode_mask(mask: np.ndarray) -> dict:
@@ -232,14 +231,7 @@ def validate_coco_gt(gt: object, source: str) -> dict:
 
 def load_coco_gt(path: str | os.PathLike) -> dict:
     """Read and validate a COCO GT JSON file (see validate_coco_gt)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: COCO GT file not found")
-    try:
-        gt = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: not valid JSON ({exc})") from exc
-    return validate_coco_gt(gt, str(path))
+    return validate_coco_gt(read_json(path, "COCO GT file"), str(path))
 
 
 def write_coco_gt(gt: dict, out: str | os.PathLike, force: bool = False) -> Path:

@@ -7,7 +7,6 @@ Test:      ROOT/test_release/<name>.tif and ROOT/test_image_name_to_ids.json
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ import numpy as np
 
 from cellseg.data.images import read_image, read_label_image
 from cellseg.errors import DataError, InputError
+from cellseg.fileio import read_json
 
 IMAGE_FILE = "image.tif"
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
@@ -179,12 +179,7 @@ def _positive_int(value: object) -> bool:
 def read_id_entries(path: str | os.PathLike) -> list[TestImageEntry]:
     """Entries of test_image_name_to_ids.json, validated (unique names and ids)."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: id map file not found")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: not valid JSON ({exc})") from exc
+    raw = read_json(path, "id map file")
     if not isinstance(raw, list):
         raise DataError(f"{path}: expected a JSON list of {{file_name, id, height, width}}")
     entries: list[TestImageEntry] = []
