@@ -39,9 +39,10 @@ def collect_inputs(inputs: Sequence[str | Path]) -> list[Path]:
             paths.append(p)
         else:
             raise InputError(f"{p}: no such file or folder")
-    seen: set[Path] = set()
-    unique = [p for p in paths if not (p.resolve() in seen or seen.add(p.resolve()))]
-    return unique
+    unique: dict[Path, Path] = {}  # resolved path -> path as given; first occurrence wins
+    for p in paths:
+        unique.setdefault(p.resolve(), p)
+    return list(unique.values())
 
 
 def assign_image_ids(paths: Sequence[Path], id_map: dict[str, int] | None) -> list[int]:
@@ -57,7 +58,8 @@ def assign_image_ids(paths: Sequence[Path], id_map: dict[str, int] | None) -> li
 class InferenceStats:
     images: int = 0
     instances: int = 0
-    seconds: dict[str, float] = field(default_factory=lambda: {"read": 0.0, "predict": 0.0, "paste_rle": 0.0})
+    # "predict" covers the network and the shared paste + RLE (cellseg bench splits them).
+    seconds: dict[str, float] = field(default_factory=lambda: {"read": 0.0, "predict": 0.0})
 
 
 def predict_image(predictor, image: np.ndarray, image_id: int, score_thresh: float | None = None) -> list[dict]:
