@@ -3,9 +3,11 @@
 A backend runs the three dense graphs (backbone, box head, mask head); everything between them is
 torchvision's own code on a model built from the checkpoint's ModelSpec: the model's transform
 (native-scale resize, normalise, pad), AnchorGenerator + box decoding + filter_proposals (RPN),
-MultiScaleRoIAlign, postprocess_detections, maskrcnn_inference and the box mapping back to the
-original image. So `Predictor(torch backend).predict(image)` equals the eager `model([image])`
-(boxes, scores, labels, and masks before paste), and other backends differ only by their graphs."""
+RoIAlign, postprocess_detections, maskrcnn_inference and the box mapping back to the original
+image. RoIAlign on the CPU is cellseg.roi_align (the same numbers as torchvision's
+MultiScaleRoIAlign up to float rounding, several times faster). So `Predictor(torch
+backend).predict(image)` equals the eager `model([image])` (boxes, scores, labels, and masks
+before paste) to float rounding, and other backends differ only by their graphs."""
 from __future__ import annotations
 
 import json
@@ -25,6 +27,7 @@ from cellseg.backends.base import BACKEND_PREFERENCE, Backend
 from cellseg.config import ModelSpec
 from cellseg.errors import BackendUnavailableError, CheckpointError, InputError
 from cellseg.model import apply_inference_budgets
+from cellseg.roi_align import pool_rois, restore_order
 
 STAGES = ("preprocess", "backbone", "rpn", "box_head", "roi_glue", "mask_head")
 EXPORT_JSON = "cellseg.json"
@@ -89,20 +92,24 @@ class Predictor:
         t = self._tick("rpn", t)
 
         heads = self.model.roi_heads
-        box_features = heads.box_roi_pool(features, proposals, image_sizes)
+        # RoIs are pooled in an order of pool_rois' choosing; head outputs are put back in order.
+        box_features, order = pool_rois(heads.box_roi_pool, features, proposals[0], image_sizes)
         t = self._tick("roi_glue", t)
         class_logits, box_regression = self.backend.run_box_head(box_features)
         t = self._tick("box_head", t)
+        class_logits, box_regression = restore_order(order, class_logits), restore_order(order, box_regression)
         boxes, scores, labels = heads.postprocess_detections(class_logits, box_regression, proposals, image_sizes)
         num_classes = class_logits.shape[1]
+        order = None
         if boxes[0].shape[0] > 0:
-            mask_features = heads.mask_roi_pool(features, boxes, image_sizes)
+            mask_features, order = pool_rois(heads.mask_roi_pool, features, boxes[0], image_sizes)
             t = self._tick("roi_glue", t)
             mask_logits = self.backend.run_mask_head(mask_features)
             t = self._tick("mask_head", t)
         else:  # no detections: nothing for the mask head to do (and engines have no 0-RoI profile)
             mask_logits = torch.zeros(0, num_classes, self._mask_side, self._mask_side, device=self.device)
-        mask_probs = maskrcnn_inference(mask_logits, labels)[0]
+        pooled_labels = labels[0] if order is None else labels[0][order.to(labels[0].device)]
+        mask_probs = restore_order(order, maskrcnn_inference(mask_logits, [pooled_labels])[0])
         mapped = self.model.transform.postprocess([{"boxes": boxes[0]}], image_sizes, [original_size])
         detections = Detections(boxes=mapped[0]["boxes"].float().cpu(), scores=scores[0].float().cpu(),
                                 labels=labels[0].to(torch.int64).cpu(), mask_probs=mask_probs.float().cpu())

@@ -52,7 +52,8 @@ def test_torch_pipeline_equals_eager_model(checkpoint, shape):
     torch.testing.assert_close(got.boxes, ref["boxes"], rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(got.scores, ref["scores"], rtol=1e-5, atol=1e-6)
     assert torch.equal(got.labels, ref["labels"]) and got.labels.dtype == torch.int64
-    torch.testing.assert_close(got.mask_probs, ref["masks"], rtol=1e-5, atol=1e-6)
+    # RoIAlign on the CPU is cellseg.roi_align: torchvision's numbers up to float rounding
+    torch.testing.assert_close(got.mask_probs, ref["masks"], rtol=1e-4, atol=2e-5)
     assert got.mask_probs.shape[1:] == (1, 28, 28)
     assert set(predictor.stage_seconds) == {"preprocess", "backbone", "rpn", "box_head", "roi_glue", "mask_head"}
     assert all(v > 0 for v in predictor.stage_seconds.values())

@@ -68,6 +68,9 @@ class OnnxRuntimeBackend:
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        # ORT's idle threads otherwise busy-wait after each run and take the cores from the torch glue
+        # (RPN, RoIAlign) that runs between the graphs: 14% of the time per image on 2 CPU cores.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if self.device.type == "cuda":
             providers: list[Any] = [("CUDAExecutionProvider", {"device_id": self.device.index or 0}),
                                     "CPUExecutionProvider"]
@@ -82,7 +85,7 @@ class OnnxRuntimeBackend:
         self.settings: dict[str, Any] = {
             "providers": self.sessions["backbone"].get_providers(), "device": str(self.device),
             "precision": precision, "graph_optimization_level": "ORT_ENABLE_ALL", "execution_mode": "ORT_SEQUENTIAL",
-            "intra_op_num_threads": threads, "inter_op_num_threads": 1, "io_binding": True,
+            "intra_op_num_threads": threads, "inter_op_num_threads": 1, "allow_spinning": False, "io_binding": True,
             "graphs": {g: Path(p).name for g, p in graph_paths.items()}, "onnxruntime": ort.__version__}
 
     @classmethod

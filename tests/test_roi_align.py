@@ -1,0 +1,94 @@
+"""cellseg.roi_align: the CPU multi-scale RoIAlign equals torchvision's MultiScaleRoIAlign (up to
+float rounding) on every kind of box, after its permutation is undone."""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import pytest
+import torch
+from torchvision.ops import MultiScaleRoIAlign
+
+from cellseg import roi_align
+from cellseg.roi_align import pool_rois, restore_order
+
+
+def fpn_features(height: int, width: int, channels: int = 8, seed: int = 0) -> "OrderedDict[str, torch.Tensor]":
+    gen = torch.Generator().manual_seed(seed)
+    feats, h, w = OrderedDict(), (height + 3) // 4, (width + 3) // 4  # strides 4, 8, 16, 32, 64
+    for name in ("0", "1", "2", "3", "pool"):
+        feats[name] = torch.randn(1, channels, h, w, generator=gen)
+        h, w = (h + 1) // 2, (w + 1) // 2
+    return feats
+
+
+def mixed_boxes(height: int, width: int, n: int, seed: int = 0) -> torch.Tensor:
+    """Tiny, thin, large, partly and wholly outside the image, and sub-pixel boxes."""
+    gen = torch.Generator().manual_seed(seed)
+    xy = torch.rand(n, 2, generator=gen) * torch.tensor([width * 1.2, height * 1.2]) - 10
+    side = torch.rand(n, 2, generator=gen) ** 3 * torch.tensor([width, height]) * 1.5 + 0.2
+    boxes = torch.cat([xy, xy + side], 1)
+    special = torch.tensor([[0.0, 0.0, width, height], [-50.0, -50.0, -20.0, -20.0],
+                            [width + 5.0, height + 5.0, width + 40.0, height + 40.0],
+                            [3.0, 3.0, 3.1, 3.1], [0.0, 5.0, width, 6.0], [5.0, 0.0, 6.0, height],
+                            [width - 1.0, height - 1.0, width + 0.5, height + 0.5]])
+    return torch.cat([boxes, special])
+
+
+def reference(pooler: MultiScaleRoIAlign, feats, boxes, size):
+    fresh = MultiScaleRoIAlign(pooler.featmap_names, pooler.output_size, pooler.sampling_ratio)
+    return fresh(feats, [boxes], [size])
+
+
+@pytest.mark.parametrize("size", [(128, 128), (97, 161), (33, 40), (8, 300)])
+@pytest.mark.parametrize("output_size,ratio", [(7, 2), (14, 2), ((5, 9), 3), (7, 1)])
+def test_equals_torchvision_multiscale_roi_align(size, output_size, ratio):
+    feats = fpn_features(*size)
+    boxes = mixed_boxes(*size, n=150)
+    pooler = MultiScaleRoIAlign(["0", "1", "2", "3"], output_size, ratio)
+    pooled, order = pool_rois(pooler, feats, boxes, [size])
+    assert order is not None and sorted(order.tolist()) == list(range(len(boxes)))
+    expected = reference(pooler, feats, boxes, size)
+    torch.testing.assert_close(restore_order(order, pooled), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_large_windows_use_threaded_torchvision_kernel_with_identical_numbers(monkeypatch):
+    """With WINDOW_PER_BIN 0 every RoI goes to torchvision's kernel, split over threads: exact."""
+    monkeypatch.setattr(roi_align, "WINDOW_PER_BIN", 0)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    feats, boxes = fpn_features(96, 80), mixed_boxes(96, 80, n=40)
+    pooler = MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)
+    pooled, order = pool_rois(pooler, feats, boxes, [(96, 80)])
+    assert torch.equal(restore_order(order, pooled), reference(pooler, feats, boxes, (96, 80)))
+
+
+def test_small_chunks_and_single_level_pooler(monkeypatch):
+    monkeypatch.setattr(roi_align, "MAX_CHUNK", 3)
+    feats, boxes = fpn_features(64, 64), mixed_boxes(64, 64, n=20)
+    pooler = MultiScaleRoIAlign(["1"], 7, 2)
+    pooled, order = pool_rois(pooler, feats, boxes, [(64, 64)])
+    torch.testing.assert_close(restore_order(order, pooled), reference(pooler, feats, boxes, (64, 64)),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["no boxes", "adaptive ratio", "float64", "batch of 2"])
+def test_falls_back_to_the_pooler_itself(case):
+    feats, boxes = fpn_features(64, 64), mixed_boxes(64, 64, n=10)
+    ratio = 0 if case == "adaptive ratio" else 2
+    if case == "no boxes":
+        boxes = boxes[:0]
+    if case == "float64":
+        feats = OrderedDict((k, v.double()) for k, v in feats.items())
+        boxes = boxes.double()
+    if case == "batch of 2":
+        feats = OrderedDict((k, torch.cat([v, v])) for k, v in feats.items())
+    pooler = MultiScaleRoIAlign(["0", "1", "2", "3"], 7, ratio)
+    pooled, order = pool_rois(pooler, feats, boxes, [(64, 64)])
+    assert order is None
+    assert torch.equal(pooled, reference(pooler, feats, boxes, (64, 64)))
+
+
+def test_restore_order_inverts_the_permutation():
+    rows = torch.arange(12.0).view(6, 2)
+    order = torch.tensor([3, 0, 5, 1, 4, 2])
+    restored = restore_order(order, rows)
+    assert torch.equal(restored[order], rows) and restore_order(None, rows) is rows
