@@ -32,6 +32,7 @@ from cellseg.roi_align import pool_rois, restore_order
 STAGES = ("preprocess", "backbone", "rpn", "box_head", "roi_glue", "mask_head")
 EXPORT_JSON = "cellseg.json"
 CHECKPOINT_COPY = "model.pt"
+ROI_CHUNK = 512  # RoIs per pooling + head call (see Predictor._box_heads)
 
 
 @dataclass
@@ -58,6 +59,7 @@ class Predictor:
         self.device = device
         self.model = model.eval().to(device)
         self.stage_seconds: dict[str, float] = {s: 0.0 for s in STAGES}
+        self.roi_chunk = ROI_CHUNK
         pool = self.model.roi_heads.mask_roi_pool.output_size
         self._mask_side = 2 * (pool if isinstance(pool, int) else pool[0])  # mask predictor upsamples x2
 
@@ -92,29 +94,45 @@ class Predictor:
         t = self._tick("rpn", t)
 
         heads = self.model.roi_heads
-        # RoIs are pooled in an order of pool_rois' choosing; head outputs are put back in order.
-        box_features, order = pool_rois(heads.box_roi_pool, features, proposals[0], image_sizes)
-        t = self._tick("roi_glue", t)
-        class_logits, box_regression = self.backend.run_box_head(box_features)
-        t = self._tick("box_head", t)
-        class_logits, box_regression = restore_order(order, class_logits), restore_order(order, box_regression)
+        level_cache: dict[str, Tensor] = {}  # pool_rois' channels-last copies of the levels, per image
+        class_logits, box_regression, t = self._box_heads(features, proposals[0], image_sizes, level_cache, t)
         boxes, scores, labels = heads.postprocess_detections(class_logits, box_regression, proposals, image_sizes)
-        num_classes = class_logits.shape[1]
-        order = None
         if boxes[0].shape[0] > 0:
-            mask_features, order = pool_rois(heads.mask_roi_pool, features, boxes[0], image_sizes)
-            t = self._tick("roi_glue", t)
-            mask_logits = self.backend.run_mask_head(mask_features)
-            t = self._tick("mask_head", t)
+            mask_probs, t = self._mask_heads(features, boxes[0], labels[0], image_sizes, level_cache, t)
         else:  # no detections: nothing for the mask head to do (and engines have no 0-RoI profile)
-            mask_logits = torch.zeros(0, num_classes, self._mask_side, self._mask_side, device=self.device)
-        pooled_labels = labels[0] if order is None else labels[0][order.to(labels[0].device)]
-        mask_probs = restore_order(order, maskrcnn_inference(mask_logits, [pooled_labels])[0])
+            mask_probs = torch.zeros(0, 1, self._mask_side, self._mask_side, device=self.device)
         mapped = self.model.transform.postprocess([{"boxes": boxes[0]}], image_sizes, [original_size])
         detections = Detections(boxes=mapped[0]["boxes"].float().cpu(), scores=scores[0].float().cpu(),
                                 labels=labels[0].to(torch.int64).cpu(), mask_probs=mask_probs.float().cpu())
         self._tick("roi_glue", t)
         return detections
+
+    # RoIs go through pooling and a head ROI_CHUNK at a time: the heads are per RoI, so results do
+    # not depend on it, while memory stays bounded on crowded images (2000 detections' pooled
+    # mask features alone are 440 MB). pool_rois may permute a chunk's rows; restore_order puts the
+    # head outputs back in order.
+    def _box_heads(self, features, proposals: Tensor, image_sizes, level_cache: dict, t: float):
+        logits, deltas = [], []
+        for chunk in proposals.split(self.roi_chunk) if proposals.shape[0] else [proposals]:
+            pooled, order = pool_rois(self.model.roi_heads.box_roi_pool, features, chunk, image_sizes, level_cache)
+            t = self._tick("roi_glue", t)
+            chunk_logits, chunk_deltas = self.backend.run_box_head(pooled)
+            t = self._tick("box_head", t)
+            logits.append(restore_order(order, chunk_logits))
+            deltas.append(restore_order(order, chunk_deltas))
+        return torch.cat(logits), torch.cat(deltas), t
+
+    def _mask_heads(self, features, boxes: Tensor, labels: Tensor, image_sizes, level_cache: dict, t: float):
+        probs = []
+        for chunk, chunk_labels in zip(boxes.split(self.roi_chunk), labels.split(self.roi_chunk)):
+            pooled, order = pool_rois(self.model.roi_heads.mask_roi_pool, features, chunk, image_sizes, level_cache)
+            t = self._tick("roi_glue", t)
+            logits = self.backend.run_mask_head(pooled)
+            t = self._tick("mask_head", t)
+            if order is not None:
+                chunk_labels = chunk_labels[order.to(chunk_labels.device)]
+            probs.append(restore_order(order, maskrcnn_inference(logits, [chunk_labels])[0]))
+        return torch.cat(probs), t
 
     def _proposals(self, images, features: "OrderedDict[str, Tensor]", objectness: list[Tensor],
                    deltas: list[Tensor]) -> list[Tensor]:

@@ -67,7 +67,7 @@ def _axis_matrix(taps, rows: Tensor, window: int, bins: int, ratio: int) -> Tens
     return weights[:, :, :window].reshape(r, bins, ratio, window).sum(2)
 
 
-def _pool_level(feature: Tensor, boxes: Tensor, scale: float, output_size: tuple[int, int],
+def _pool_level(feature: Tensor, pixels: Tensor, boxes: Tensor, scale: float, output_size: tuple[int, int],
                 ratio: int, out: Tensor) -> Tensor:
     """RoIAlign of `boxes` on one level into `out` (len(boxes) rows); returns the order used."""
     _, channels, height, width = feature.shape
@@ -78,8 +78,6 @@ def _pool_level(feature: Tensor, boxes: Tensor, scale: float, output_size: tuple
     side = torch.maximum(taps_y[5], taps_x[5])
     order = torch.argsort(side, stable=True)
     window = side[order] ** 2
-    # channels-last rows; .contiguous(): the reshape alone is a strided view and gathers from it crawl
-    pixels = feature[0].permute(1, 2, 0).contiguous().view(height * width, channels)
     n, start = boxes.shape[0], 0
     while start < n:
         if int(window[start]) > WINDOW_PER_BIN * bins_y * bins_x:  # sorted: the rest are large too
@@ -122,6 +120,11 @@ def _threaded_roi_align(feature: Tensor, boxes: Tensor, output_size: tuple[int, 
         list(pool.map(run, range(parts)))
 
 
+def _channels_last(feature: Tensor) -> Tensor:
+    """A (1, C, H, W) level as (H*W, C) contiguous rows, the layout the window gathers read."""
+    return feature[0].permute(1, 2, 0).reshape(-1, feature.shape[1]).contiguous()
+
+
 def fast_path_applies(pooler: nn.Module, features: "dict[str, Tensor]") -> bool:
     values = list(features.values())
     return (getattr(pooler, "sampling_ratio", 0) > 0 and hasattr(pooler, "featmap_names")
@@ -129,16 +132,23 @@ def fast_path_applies(pooler: nn.Module, features: "dict[str, Tensor]") -> bool:
 
 
 @torch.no_grad()
-def pool_rois(pooler: nn.Module, features: "dict[str, Tensor]", boxes: Tensor,
-              image_sizes: list[tuple[int, int]]) -> tuple[Tensor, Tensor | None]:
+def pool_rois(pooler: nn.Module, features: "dict[str, Tensor]", boxes: Tensor, image_sizes: list[tuple[int, int]],
+              level_cache: "dict[str, Tensor] | None" = None) -> tuple[Tensor, Tensor | None]:
     """`pooler(features, [boxes], image_sizes)` for one image, rows possibly permuted: returns
     (pooled, order) with pooled[i] the RoI boxes[order[i]]; order is None when rows are in input
-    order (the pooler itself ran: not CPU float32, adaptive sampling ratio, or no boxes)."""
+    order (the pooler itself ran: not CPU float32, adaptive sampling ratio, or no boxes).
+    `level_cache`: a dict shared by every call on one image's features; it keeps each level's
+    channels-last copy (on a 1024 px image the finest level alone is 64 MB to transpose)."""
     if boxes.shape[0] == 0 or not fast_path_applies(pooler, features):
         return pooler(features, [boxes], image_sizes), None
     from torchvision.ops import poolers as tv_poolers  # private helpers: the pooler's own scale setup
 
-    maps = [v for k, v in features.items() if k in pooler.featmap_names]
+    names = [k for k in features if k in pooler.featmap_names]
+    maps = [features[k] for k in names]
+    cache = {} if level_cache is None else level_cache
+    for name in names:
+        if name not in cache:
+            cache[name] = _channels_last(features[name])
     if pooler.scales is None or pooler.map_levels is None:
         pooler.scales, pooler.map_levels = tv_poolers._setup_scales(
             maps, image_sizes, pooler.canonical_scale, pooler.canonical_level)
@@ -149,12 +159,12 @@ def pool_rois(pooler: nn.Module, features: "dict[str, Tensor]", boxes: Tensor,
         levels = pooler.map_levels([boxes]).to(torch.int64)
     out = torch.empty(boxes.shape[0], maps[0].shape[1], *pooler.output_size, dtype=torch.float32)
     orders, start = [], 0
-    for level, (feature, scale) in enumerate(zip(maps, pooler.scales)):
+    for level, (name, feature, scale) in enumerate(zip(names, maps, pooler.scales)):
         index = torch.nonzero(levels == level).flatten()
         if index.numel() == 0:
             continue
         n = index.numel()
-        orders.append(index[_pool_level(feature, boxes[index], scale, pooler.output_size,
+        orders.append(index[_pool_level(feature, cache[name], boxes[index], scale, pooler.output_size,
                                         pooler.sampling_ratio, out[start:start + n])])
         start += n
     return out, torch.cat(orders)

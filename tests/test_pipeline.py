@@ -59,6 +59,18 @@ def test_torch_pipeline_equals_eager_model(checkpoint, shape):
     assert all(v > 0 for v in predictor.stage_seconds.values())
 
 
+def test_rois_in_chunks_give_the_same_detections(checkpoint):
+    """Pooling and heads run Predictor.roi_chunk RoIs at a time; the chunk size changes nothing."""
+    predictor = load_predictor(checkpoint, device="cpu")
+    image = np.random.default_rng(11).random((72, 90, 3), dtype=np.float32)
+    whole = predictor.predict(image)
+    predictor.roi_chunk = 7
+    chunked = predictor.predict(image)
+    assert whole.boxes.shape[0] > 7
+    for name in ("boxes", "scores", "labels", "mask_probs"):
+        torch.testing.assert_close(getattr(chunked, name), getattr(whole, name), rtol=1e-5, atol=1e-5)
+
+
 def test_torch_pipeline_with_scale_maps_boxes_to_original_pixels(tmp_path):
     path = tmp_path / "scaled.pt"
     save_tiny_checkpoint(path, tiny_spec(scale=1.5))

@@ -92,3 +92,16 @@ def test_restore_order_inverts_the_permutation():
     order = torch.tensor([3, 0, 5, 1, 4, 2])
     restored = restore_order(order, rows)
     assert torch.equal(restored[order], rows) and restore_order(None, rows) is rows
+
+
+def test_a_shared_level_cache_gives_the_same_pooling_across_calls():
+    """The pipeline pools one image's RoIs in chunks, box and mask poolers sharing one cache."""
+    feats, boxes = fpn_features(80, 120), mixed_boxes(80, 120, n=60)
+    box_pooler, mask_pooler = (MultiScaleRoIAlign(["0", "1", "2", "3"], s, 2) for s in (7, 14))
+    cache: dict = {}
+    for pooler in (box_pooler, mask_pooler):
+        parts = [restore_order(*reversed(pool_rois(pooler, feats, chunk, [(80, 120)], cache)))
+                 for chunk in boxes.split(17)]
+        torch.testing.assert_close(torch.cat(parts), reference(pooler, feats, boxes, (80, 120)),
+                                   rtol=1e-5, atol=1e-5)
+    assert sorted(cache) == ["0", "1", "2", "3"]
