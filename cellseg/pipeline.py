@@ -5,9 +5,10 @@ torchvision's own code on a model built from the checkpoint's ModelSpec: the mod
 (native-scale resize, normalise, pad), AnchorGenerator + box decoding + filter_proposals (RPN),
 RoIAlign, postprocess_detections, maskrcnn_inference and the box mapping back to the original
 image. RoIAlign on the CPU is cellseg.roi_align (the same numbers as torchvision's
-MultiScaleRoIAlign up to float rounding, several times faster). So `Predictor(torch
-backend).predict(image)` equals the eager `model([image])` (boxes, scores, labels, and masks
-before paste) to float rounding, and other backends differ only by their graphs."""
+MultiScaleRoIAlign up to float rounding, several times faster), and RoIs go through pooling and
+the heads ROI_CHUNK at a time. So `Predictor(torch backend).predict(image)` equals the eager
+`model([image])` (boxes, scores, labels, and masks before paste) to float rounding, and other
+backends differ only by their graphs."""
 from __future__ import annotations
 
 import json
