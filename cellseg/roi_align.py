@@ -12,9 +12,10 @@ validity test, clamping at 0 and size - 1, averaging over the sampling grid), so
 
 RoIs are pooled grouped by level and window size, so rows come back permuted: `pool_rois` returns
 the permutation and callers put the (much smaller) head outputs back in order with
-`restore_order`. RoIs with windows larger than WINDOW_PER_BIN pixels per output bin (big objects,
-where the dense product costs more than the sampling) go to torchvision's kernel, split over threads. Anything else than float32
-features on the CPU with a fixed sampling ratio uses the pooler unchanged."""
+`restore_order`. RoIs with windows larger than WINDOW_PER_BIN pixels per output bin (big
+objects, where the dense product costs more than the sampling) go to torchvision's kernel, split
+over threads. Anything but float32 features on the CPU with a fixed sampling ratio uses the
+pooler unchanged."""
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
@@ -22,10 +23,10 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import Tensor, nn
 
-# A RoI whose window (feature pixels) exceeds WINDOW_PER_BIN x its output bins goes to
-# torchvision's kernel: measured on 2 CPU cores, that kernel costs a fixed ~360 us per 14x14 RoI
-# (~80 us per 7x7) whatever the RoI's size, and the product passes it near 2.5 window pixels
-# per bin (window ~400 for 14x14, ~130 for 7x7).
+# A RoI whose window (the square of its longer side, in feature pixels) exceeds WINDOW_PER_BIN x
+# its output bins goes to torchvision's kernel: measured on 2 CPU cores, that kernel costs a fixed
+# ~360 us per 14x14 RoI (~80 us per 7x7) whatever the RoI's size, and the product passes it near
+# 2.5 window pixels per bin (window ~400 for 14x14, ~130 for 7x7).
 WINDOW_PER_BIN = 2
 # Floats in one chunk's kron matrix (chunk x window x P*Q): ~8 MB, so a chunk stays in cache.
 CHUNK_FLOATS = 2_000_000
