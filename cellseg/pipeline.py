@@ -114,7 +114,7 @@ class Predictor:
     # head outputs back in order.
     def _box_heads(self, features, proposals: Tensor, image_sizes, level_cache: dict, t: float):
         logits, deltas = [], []
-        for chunk in proposals.split(self.roi_chunk) if proposals.shape[0] else [proposals]:
+        for chunk in proposals.split(self.roi_chunk):  # no proposals: one empty chunk
             pooled, order = pool_rois(self.model.roi_heads.box_roi_pool, features, chunk, image_sizes, level_cache)
             t = self._tick("roi_glue", t)
             chunk_logits, chunk_deltas = self.backend.run_box_head(pooled)
