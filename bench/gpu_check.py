@@ -64,11 +64,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from cellseg.errors import BackendUnavailableError, CellsegError, InputError
+from cellseg.bench.core import (MIN_PARITY, PARITY_IOU, environment_info, fmt, gate_failures,
+                                latency_stats_ms, parity_figures, stages_ms, sync)
+from cellseg.errors import BackendUnavailableError, CellsegError, InputError, VerificationError
 
 PRECISIONS = ("fp32", "fp16")
-PARITY_IOU = 0.95
-EXIT_FAILED = 6  # cellseg.errors.VerificationError.exit_code
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ class CheckConfig:
     paste_size: int = 1024
     paste_repeats: int = 5
     max_map_drop: float = 0.005
-    min_parity: float = 0.99
+    min_parity: float = MIN_PARITY
     tf32: bool = True
     seed: int = 0
     force: bool = False
@@ -109,17 +109,10 @@ class PrecisionRun:
 
 
 # ------------------------------------------------------------------------------------ device
-def cuda_unavailable_reason() -> str | None:
-    """None when torch sees a CUDA device, else why not (one line)."""
-    import torch
-
-    if torch.cuda.is_available():
-        return None
-    build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
-    return f"torch {torch.__version__} is {build} and sees no GPU"
-
-
 def choose_device(allow_cpu: bool) -> str:
+    """The device to check: "cuda", or "cpu" for the dry run when CUDA is missing and `allow_cpu`."""
+    from cellseg.device import cuda_unavailable_reason
+
     reason = cuda_unavailable_reason()
     if reason is None:
         return "cuda"
@@ -128,19 +121,10 @@ def choose_device(allow_cpu: bool) -> str:
     raise BackendUnavailableError(f"CUDA is not available: {reason} (pass --allow-cpu for a dry run on the CPU)")
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        import torch
-
-        torch.cuda.synchronize()
-
-
 def gpu_environment(device: str) -> dict[str, Any]:
     """cellseg.bench's environment (versions, CPU, driver) plus the GPU's details and the
     float32 settings that change CUDA results (TF32)."""
     import torch
-
-    from cellseg.bench.harness import environment_info
 
     env = environment_info()
     env["device"] = device
@@ -245,39 +229,22 @@ def tile_to_size(image: np.ndarray, size: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------- measuring
-def _entries(predictor: Any, image: np.ndarray, image_id: int) -> list[dict]:
-    from cellseg.infer import predict_image
-
-    return predict_image(predictor, image, image_id)
-
-
 def time_predictor(predictor: Any, image: np.ndarray, runs: int, warmup: int, device: str
                    ) -> tuple[list[float], dict[str, float], int]:
-    """Latencies (s) of predict + paste/RLE on `image`, summed stage seconds of the timed runs,
-    and the number of instances of the last run."""
-    from cellseg.pipeline import STAGES
-    from cellseg.postprocess import detections_to_coco
-
+    """Latencies (s) of predict + paste/RLE (Predictor.predict_coco) on `image`, summed stage
+    seconds of the timed runs (paste_rle among them), and the number of instances of the last run."""
     entries: list[dict] = []
     for _ in range(warmup):
-        entries = _entries(predictor, image, 1)
-    _sync(device)
+        entries = predictor.predict_coco(image, 1)
+    sync(device)
     base = dict(predictor.stage_seconds)
     latencies: list[float] = []
-    paste_s = 0.0
     for _ in range(runs):
         t0 = time.perf_counter()
-        det = predictor.predict(image)
-        t1 = time.perf_counter()
-        spec = predictor.spec
-        entries = detections_to_coco(1, det.boxes, det.scores, det.labels, det.mask_probs,
-                                     image.shape[:2], spec.category_ids, spec.mask_thresh)
-        _sync(device)
-        t2 = time.perf_counter()
-        latencies.append(t2 - t0)
-        paste_s += t2 - t1
-    stages = {s: predictor.stage_seconds[s] - base.get(s, 0.0) for s in STAGES}
-    stages["paste_rle"] = paste_s
+        entries = predictor.predict_coco(image, 1)
+        sync(device)
+        latencies.append(time.perf_counter() - t0)
+    stages = {s: total - base.get(s, 0.0) for s, total in predictor.stage_seconds.items()}
     return latencies, stages, len(entries)
 
 
@@ -299,7 +266,7 @@ def measure_precision(model: Path, device: str, precision: str, images: Sequence
     predictor = load_predictor(model, backend="torch", device=device, precision=precision)
     run = PrecisionRun(precision, device, dict(predictor.settings), time.perf_counter() - t, [])
     for image, image_id in zip(images, image_ids):
-        run.results.extend(_entries(predictor, image, image_id))
+        run.results.extend(predictor.predict_coco(image, image_id))
     if runs > 0:
         run.latencies_s, run.stage_s, run.latency_instances = time_predictor(
             predictor, latency_image, runs, warmup, device)
@@ -311,17 +278,14 @@ def measure_precision(model: Path, device: str, precision: str, images: Sequence
 
 
 def latency_figures(run: PrecisionRun) -> dict[str, Any]:
-    from cellseg.bench.harness import latency_stats_ms
-
     n = len(run.latencies_s)
-    return {"runs": n, "latency_ms": latency_stats_ms(run.latencies_s),
-            "stages_ms": {k: 1000.0 * v / n for k, v in run.stage_s.items()} if n else {},
+    return {"runs": n, "latency_ms": latency_stats_ms(run.latencies_s), "stages_ms": stages_ms(run.stage_s, n),
             "latency_image_instances": run.latency_instances}
 
 
 def precision_row(run: PrecisionRun, gt: dict, reference: list[dict] | None,
                   reference_metrics: dict | None) -> dict[str, Any]:
-    from cellseg.evaluate import evaluate_coco, match_instances
+    from cellseg.evaluate import evaluate_coco
 
     metrics = evaluate_coco(gt, run.results)
     row: dict[str, Any] = {"precision": run.precision, "device": run.device, "settings": run.settings,
@@ -329,10 +293,8 @@ def precision_row(run: PrecisionRun, gt: dict, reference: list[dict] | None,
                            **latency_figures(run),
                            "peak_cuda_mb": run.peak_cuda_bytes / 2**20 if run.peak_cuda_bytes is not None else None}
     if reference is not None and reference_metrics is not None:
-        row["delta_ap"] = {t: (metrics[t]["AP"] - reference_metrics[t]["AP"])
-                           if metrics[t]["AP"] is not None and reference_metrics[t]["AP"] is not None else None
-                           for t in metrics}
-        row["parity"] = {"iou": PARITY_IOU, **match_instances(reference, run.results, iou=PARITY_IOU)}
+        row["parity"] = parity_figures("the CPU", reference, reference_metrics, run.results, metrics)
+        row["delta_ap"] = row["parity"]["delta_ap"]
     return row
 
 
@@ -356,10 +318,10 @@ def _median_ms(fn: Any, repeats: int, device: str) -> tuple[float, Any]:
     out = fn()  # warm-up (and the result compared)
     times = []
     for _ in range(max(1, repeats)):
-        _sync(device)
+        sync(device)
         t = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t)
     return 1000.0 * float(np.median(times)), out
 
@@ -372,7 +334,7 @@ def compare_paste(n: int, size: int, device: str, repeats: int, seed: int, thres
 
     masks, boxes = paste_inputs(n, size, seed)
     device_masks = masks.to(device)
-    _sync(device)
+    sync(device)
     cpu_ms, cpu_rles = _median_ms(lambda: paste_and_encode(masks, boxes, (size, size), threshold), repeats, "cpu")
     dev_ms, dev_rles = _median_ms(lambda: paste_and_encode(device_masks, boxes, (size, size), threshold,
                                                           device_runs=True), repeats, device)
@@ -392,14 +354,9 @@ def check_failures(report: dict[str, Any], max_map_drop: float, min_parity: floa
     failures: list[str] = []
     fp32 = report["precisions"].get("fp32", {})
     if not report["model"]["random_init"] and "parity" in fp32:
-        for iou_type, d in sorted(fp32["delta_ap"].items()):
-            if d is not None and abs(d) > max_map_drop:
-                failures.append(f"fp32 on {fp32['device']}: {iou_type} AP differs from the CPU by {d:+.4f} "
-                                f"(allowed ±{max_map_drop:g})")
-        share = fp32["parity"]["matched_share"]
-        if share < min_parity:
-            failures.append(f"fp32 on {fp32['device']}: {100 * share:.1f}% of the CPU's instances matched at "
-                            f"mask IoU >= {PARITY_IOU} (need {100 * min_parity:g}%)")
+        parity = fp32["parity"]
+        failures += gate_failures(f"fp32 on {fp32['device']}", "the CPU", fp32["delta_ap"], parity["matched_share"],
+                                  max_map_drop, min_parity, parity.get("ref_count"), parity.get("match_iou", PARITY_IOU))
     for p in report["postprocess"]:
         if not p["all_identical"]:
             failures.append(f"paste {p['instances']} instances: {p['identical']}/{p['rles_cpu']} RLEs identical on "
@@ -468,10 +425,6 @@ def run_gpu_check(cfg: CheckConfig, console: Any = None) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------ output
-def _f(v: Any, fmt: str = "{:.1f}") -> str:
-    return "-" if v is None else fmt.format(v)
-
-
 def report_tables(report: dict[str, Any]) -> tuple[list[str], list[list[str]], list[str], list[list[str]]]:
     """(header, rows) of the precision table and of the postprocess table, as strings."""
     head = ["row", "dets", "segm AP", "ΔAP segm", "ΔAP bbox", "matched %", "mean IoU",
@@ -484,15 +437,15 @@ def report_tables(report: dict[str, Any]) -> tuple[list[str], list[list[str]], l
             rows.append([name, "skipped"] + [""] * (len(head) - 2))
             continue
         par, lat, d = r.get("parity"), r["latency_ms"], r.get("delta_ap", {})
-        rows.append([name, str(r["instances"]), _f(r["metrics"]["segm"]["AP"], "{:.4f}"),
-                     _f(d.get("segm"), "{:+.4f}"), _f(d.get("bbox"), "{:+.4f}"),
-                     _f(100 * par["matched_share"] if par else None, "{:.2f}"),
-                     _f(par["mean_iou"] if par else None, "{:.4f}"),
-                     _f(lat["mean"]), _f(lat["p50"]), _f(lat["p90"]),
-                     _f(r.get("speedup_vs_cpu"), "{:.1f}"), _f(r.get("peak_cuda_mb"), "{:.0f}")])
+        rows.append([name, str(r["instances"]), fmt(r["metrics"]["segm"]["AP"], ".4f"),
+                     fmt(d.get("segm"), "+.4f"), fmt(d.get("bbox"), "+.4f"),
+                     fmt(100 * par["matched_share"] if par else None, ".2f"),
+                     fmt(par["mean_iou"] if par else None, ".4f"),
+                     fmt(lat["mean"]), fmt(lat["p50"]), fmt(lat["p90"]),
+                     fmt(r.get("speedup_vs_cpu"), ".1f"), fmt(r.get("peak_cuda_mb"), ".0f")])
     phead = ["instances", "image", "identical", "differing px", "CPU ms", "device ms", "×"]
     prows = [[str(p["instances"]), "x".join(map(str, p["image_size"])), f"{p['identical']}/{p['rles_cpu']}",
-              str(p["differing_pixels"]), _f(p["cpu_ms"]), _f(p["device_ms"]), _f(p["speedup"], "{:.2f}")]
+              str(p["differing_pixels"]), fmt(p["cpu_ms"]), fmt(p["device_ms"]), fmt(p["speedup"], ".2f")]
              for p in report["postprocess"]]
     return head, rows, phead, prows
 
@@ -603,12 +556,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             console = Console(stderr=True)
         report = run_gpu_check(cfg, console)
+        print_report(report)
+        print(f"report: {cfg.out}")
+        if report["failures"]:
+            raise VerificationError(f"{len(report['failures'])} gate(s) failed: " + "; ".join(report["failures"]))
     except CellsegError as err:
         print(str(err).splitlines()[0] if str(err) else type(err).__name__, file=sys.stderr)
         return err.exit_code
-    print_report(report)
-    print(f"report: {cfg.out}")
-    return EXIT_FAILED if report["failures"] else 0
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,45 +1,53 @@
 """`cellseg bench`: speed and accuracy of every available backend, and parity against torch, in one
 run on the same checkpoint and images, next to the seed-style "reference" pipeline.
 
-Per row (reference first, then each requested backend that loads here):
+The run has four steps: plan (check the arguments and the model, resolve the device, load the
+data, decide which rows can run here), measure (each row in its own process), score (COCO AP,
+parity, the gate) and report (terminal tables; report.json, report.md, latency.png).
+
+Per row (reference first, then each requested backend that can run here):
 - load: seconds to build the predictor (checkpoint read, model build, sessions / engines);
 - warm-up: `warmup` untimed predictions (cycling over the images);
 - timed: `iters` passes over every image, one image at a time, each image timed end to end
   (read -> network -> paste + RLE -> JSON text), with CUDA synchronised before the clock stops;
-- memory: peak host RSS of this process during the row (Linux VmHWM, reset before each row via
-  /proc/self/clear_refs; else getrusage's process-lifetime peak), peak CUDA memory (torch's
-  allocator) and device memory in use after the row;
+- memory: peak host RSS of the row's process (Linux VmHWM, reset once the row's libraries are
+  imported; else getrusage's process peak), peak CUDA memory (torch's allocator) and device
+  memory in use after the row;
 - accuracy: COCO segm/bbox AP (cellseg.evaluate, maxDets sized from the GT) of the first pass;
 - parity: against the torch backend's results (the reference's when torch is not benchmarked):
   |ΔAP|, share of baseline instances matched (same class, mask IoU >= 0.95), mean IoU, max
   score difference. A backend fails the run when |ΔAP| > max_map_drop or share < min_parity.
+
+Rows and failures:
+- A backend that cannot run here (its runtime is not installed, or the model holds no artifacts
+  for it) is listed as skipped and does not fail the run, so the default backend list works on
+  every machine. When none of the requested backends can run, there is nothing to measure: the
+  run stops before measuring with that reason (BackendUnavailableError for a missing runtime).
+- Each row is measured in a child process of its own (cellseg.bench.rows). A row that raises,
+  runs out of memory, or whose process is killed (the kernel's OOM killer sends SIGKILL) becomes
+  a failed row with that reason; the other rows are still measured and the report is written.
+  Failed rows fail the run.
 """
 from __future__ import annotations
 
-import gc
-import json
 import os
-import platform
-import resource
 import shutil
-import subprocess
-import time
+import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from cellseg.errors import (BackendUnavailableError, CellsegError, DataError, InputError,
-                            OutputExistsError)
-from cellseg.fileio import make_temp_dir
+from cellseg.bench.core import (MIN_PARITY, PARITY_IOU, environment_info, gate_failures,
+                                latency_stats_ms, parity_figures, stages_ms)
+from cellseg.bench.rows import (FAULT_ENV, RowFailure, RowPlan, RowRun, attempt_row,
+                                measure_in_child, one_line)
+from cellseg.errors import (BackendUnavailableError, CellsegError, CheckpointError, DataError,
+                            InputError, OutputExistsError, VerificationError)
+from cellseg.fileio import ensure_writable_folder, make_temp_dir
 
 REPORT_FILES = ("report.json", "report.md", "latency.png")
-PARITY_IOU = 0.95
-MIN_PARITY = 0.99
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -84,189 +92,132 @@ def load_bench_data(data: Path) -> BenchData:
     return BenchData(data, gt, tuple(p for _, p in pairs), tuple(i for i, _ in pairs))
 
 
-# --------------------------------------------------------------------------------- measurement
+# ------------------------------------------------------------------------------------ plan
 @dataclass
-class RowRun:
-    """Raw measurements of one row; turned into report figures by `row_figures`."""
-
-    name: str
-    kind: str  # "reference" or "backend"
+class BenchPlan:
+    model: Path
+    data: BenchData
+    rows: list[RowPlan]
+    skipped: list[dict[str, str]]
     settings: dict[str, Any]
-    load_s: float
-    results: list[dict] = field(default_factory=list)
-    latencies_s: list[float] = field(default_factory=list)
-    stage_s: dict[str, float] = field(default_factory=dict)  # summed over timed images
-    peak_rss_bytes: int | None = None
-    rss_method: str = ""
-    peak_cuda_bytes: int | None = None
-    cuda_used_bytes: int | None = None
-    artifacts: list[str] = field(default_factory=list)
+    started: datetime
 
 
-class _PredictorRunner:
-    """A cellseg Predictor + the shared postprocess, timed as stages like the reference."""
+def plan_bench(model: Path, data: Path, backends: Sequence[str], device: str, warmup: int, iters: int,
+               out: Path | None, force: bool, reference: bool) -> BenchPlan:
+    """Everything that can be refused before measuring is refused here, with its own error:
+    arguments (InputError), the report folder (OutputExistsError, or OutputError where it cannot
+    be written), the device (BackendUnavailableError), the model, missing or unreadable
+    (CheckpointError), the data (DataError), and no requested backend able to run here (the
+    first one's reason)."""
+    from cellseg.device import resolve_device
 
-    def __init__(self, predictor: Any, model: Path, backend: str) -> None:
-        self.predictor = predictor
-        self.model = model
-        self.backend = backend
-        self.device = predictor.device
-        self.extra = {"paste_rle": 0.0}
-        self.settings: dict[str, Any] = dict(getattr(predictor, "settings", {}) or {})
+    model, data = Path(model), Path(data)
+    _check_arguments(backends, warmup, iters)
+    check_out_dir(out, force)
+    if out is not None:
+        ensure_writable_folder(Path(out).parent)
+    resolve_device(device)
+    check_model(model)
+    bench_data = load_bench_data(data)
+    target, _, fault = os.environ.get(FAULT_ENV, "").partition(":")
 
-    @property
-    def stage_seconds(self) -> dict[str, float]:
-        return {**self.predictor.stage_seconds, **self.extra}
+    def fault_of(row: str) -> str:
+        return fault if row == target else ""
 
-    def predict_coco(self, image: np.ndarray, image_id: int) -> list[dict]:
-        from cellseg.postprocess import detections_to_coco
-
-        det = self.predictor.predict(image)
-        t = time.perf_counter()
-        spec = self.predictor.spec
-        entries = detections_to_coco(image_id, det.boxes, det.scores, det.labels, det.mask_probs,
-                                     image.shape[:2], spec.category_ids, spec.mask_thresh)
-        self.extra["paste_rle"] += time.perf_counter() - t
-        return entries
-
-
-def _sync(device: Any) -> None:
-    if getattr(device, "type", "cpu") == "cuda":
-        import torch
-
-        torch.cuda.synchronize(device)
-
-
-def _reset_peak_rss() -> str:
-    """Reset the kernel's peak-RSS mark so each row's peak is its own (Linux >= 4.0)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return "VmHWM (reset per row)"
-    except OSError:
-        return "getrusage ru_maxrss (process peak so far)"
+    rows = [RowPlan("reference", "reference", model, device, fault=fault_of("reference"))] if reference else []
+    skipped: list[dict[str, str]] = []
+    unavailable: list[CellsegError] = []
+    for name in dict.fromkeys(backends):  # keep order, drop repeats
+        reason = backend_unavailable(model, name)
+        if reason is None:
+            rows.append(RowPlan(name, "backend", model, device, name, fault_of(name)))
+        else:
+            unavailable.append(reason)
+            skipped.append(skip_entry(name, reason))
+    if not any(r.kind == "backend" for r in rows):
+        raise type(unavailable[0])("no requested backend can run here: " + "; ".join(map(str, unavailable)))
+    settings = {"backends": list(backends), "device": device, "warmup": warmup, "iters": iters}
+    return BenchPlan(model, bench_data, rows, skipped, settings, datetime.now(timezone.utc))
 
 
-def _peak_rss_bytes() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if platform.system() == "Darwin" else peak * 1024
+def skip_entry(backend: str, err: CellsegError) -> dict[str, str]:
+    return {"backend": backend, "reason": one_line(err), "error": type(err).__name__}
 
 
-def _cuda_used_bytes(device: Any) -> int | None:
-    if getattr(device, "type", "cpu") != "cuda":
-        return None
-    import torch
+def _check_arguments(backends: Sequence[str], warmup: int, iters: int) -> None:
+    from cellseg.pipeline import backend_names
 
-    free, total = torch.cuda.mem_get_info(device)
-    return int(total - free)
-
-
-def measure_row(name: str, kind: str, load: Callable[[], Any], data: BenchData, warmup: int,
-                iters: int, tick: Callable[[], None] = lambda: None) -> RowRun:
-    """Load a pipeline (anything with `.device`, `.stage_seconds`, `.predict_coco(image, id)` and
-    `.settings`), warm it up, time `iters` passes over the images. `tick` after each prediction."""
-    import torch
-
-    from cellseg.data.images import read_image
-
-    gc.collect()
-    rss_method = _reset_peak_rss()
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    t = time.perf_counter()
-    pipeline = load()
-    load_s = time.perf_counter() - t
-    device = pipeline.device
-    run = RowRun(name, kind, dict(getattr(pipeline, "settings", {}) or {}), load_s, rss_method=rss_method)
-
-    n = len(data.image_paths)
-    for i in range(warmup):
-        pipeline.predict_coco(read_image(data.image_paths[i % n]), data.image_ids[i % n])
-        tick()
-    _sync(device)
-    base = dict(pipeline.stage_seconds)
-    stage_s: dict[str, float] = {"read": 0.0, "json": 0.0}
-    for it in range(iters):
-        for path, image_id in zip(data.image_paths, data.image_ids):
-            t0 = time.perf_counter()
-            image = read_image(path)
-            t1 = time.perf_counter()
-            entries = pipeline.predict_coco(image, image_id)
-            _sync(device)
-            t2 = time.perf_counter()
-            json.dumps(entries)  # what writing the results file costs per image
-            t3 = time.perf_counter()
-            stage_s["read"] += t1 - t0
-            stage_s["json"] += t3 - t2
-            run.latencies_s.append(t3 - t0)
-            if it == 0:
-                run.results.extend(entries)
-            tick()
-    for stage, total in pipeline.stage_seconds.items():
-        stage_s[stage] = total - base.get(stage, 0.0)
-    run.stage_s = stage_s
-    run.peak_rss_bytes = _peak_rss_bytes()
-    if cuda:
-        run.peak_cuda_bytes = int(torch.cuda.max_memory_allocated())
-        run.cuda_used_bytes = _cuda_used_bytes(device)
-    run.artifacts = [str(p) for p in _artifact_files(pipeline)]
-    del pipeline
-    gc.collect()
-    return run
+    unknown = [b for b in backends if b not in backend_names()]
+    if unknown or not backends:
+        raise InputError(f"backends {list(backends)!r}: each must be one of {', '.join(backend_names())}")
+    if warmup < 0 or iters < 1:
+        raise InputError(f"need warmup >= 0 and iters >= 1 (got warmup={warmup}, iters={iters})")
 
 
-def _artifact_files(pipeline: Any) -> list[Path]:
-    """The files a row loads: the checkpoint for torch/reference, graphs or engines otherwise."""
-    if isinstance(pipeline, _PredictorRunner):
-        predictor = pipeline.predictor
-        paths = getattr(predictor, "artifact_paths", None)
-        if paths:
-            return [Path(p) for p in paths]
-        return artifact_files(pipeline.model, pipeline.backend, pipeline.settings)
-    ckpt = getattr(pipeline, "checkpoint", None)
-    return [Path(ckpt)] if ckpt else []
+def check_model(model: Path) -> None:
+    """The model must exist, a checkpoint must load, an export folder must hold a valid
+    cellseg.json. Refused here, a bad model is one CheckpointError instead of the same failure
+    in every row."""
+    from cellseg.artifacts import read_export_json
+    from cellseg.checkpoint import load_checkpoint
 
-
-def artifact_files(model: Path, backend: str, settings: dict[str, Any]) -> list[Path]:
-    """Artifacts of `backend` for `model` (checkpoint file or export folder)."""
-    from cellseg.pipeline import CHECKPOINT_COPY, artifacts_present, engine_paths, onnx_paths
-
-    if model.is_file():
-        return [model]
-    if backend == "torch":
-        return [model / CHECKPOINT_COPY]
-    named = settings.get("graphs") or settings.get("engines")
-    if isinstance(named, dict):
-        files = [model / str(v) for v in named.values()]
+    if not model.exists():
+        raise CheckpointError(f"{model}: no such checkpoint or export folder")
+    if model.is_dir():
+        read_export_json(model)
     else:
-        precisions = artifacts_present(model).get(backend, [])
-        precision = settings.get("precision") if settings.get("precision") in precisions else \
-            (precisions[0] if precisions else "fp32")
-        files = list((onnx_paths if backend == "onnxruntime" else engine_paths)(model, precision).values())
-    # ONNX external-data files sit beside their graph.
-    extra = [p for f in files for p in model.glob(f.name + "*") if p != f and p.is_file()]
-    return [f for f in files + extra if f.is_file()]
+        load_checkpoint(model)  # read in full: a truncated file fails here
 
 
-# ------------------------------------------------------------------------------------- figures
-def latency_stats_ms(latencies_s: Sequence[float]) -> dict[str, float]:
-    a = np.asarray(latencies_s, dtype=np.float64) * 1000.0
-    if a.size == 0:
-        return {k: 0.0 for k in ("mean", "p50", "p90", "p99", "min", "max")}
-    return {"mean": float(a.mean()), "p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)),
-            "p99": float(np.percentile(a, 99)), "min": float(a.min()), "max": float(a.max())}
+def backend_unavailable(model: Path, backend: str) -> CellsegError | None:
+    """Why `backend` cannot run `model` here, without loading anything: the checks
+    load_predictor makes before it loads (runtime installed, artifacts present). None when the
+    row can be tried."""
+    from cellseg.artifacts import artifacts_present
+    from cellseg.pipeline import _backend_class
+
+    ok, reason = _backend_class(backend).is_available()
+    if not ok:
+        return BackendUnavailableError(f"{backend} backend: {reason}")
+    if model.is_file() and backend != "torch":
+        return InputError(f"{model}: a checkpoint runs only on the torch backend "
+                          f"(make an export folder with `cellseg export` for {backend})")
+    present = artifacts_present(model) if model.is_dir() else {"torch": ["fp32"]}
+    if backend not in present:
+        return InputError(f"{model}: export folder has no {backend} artifacts (present: {', '.join(present) or 'none'})")
+    return None
 
 
+# --------------------------------------------------------------------------------- measure
+def measure_rows(plan: BenchPlan, progress: bool, console: Any, isolate: bool = True) -> list[RowRun | RowFailure]:
+    """Every planned row, one after another, each in its own process unless `isolate` is False
+    (then in this process: faster, but a row that crashes takes the run with it)."""
+    outcomes: list[RowRun | RowFailure] = []
+    warmup, iters = plan.settings["warmup"], plan.settings["iters"]
+    n_steps = warmup + iters * len(plan.data.image_paths)
+    with _progress(console, progress) as bar, tempfile.TemporaryDirectory(prefix="cellseg-bench-") as tmp:
+        for row in plan.rows:
+            task = bar.add_task(row.name, total=n_steps) if bar else None
+            advance = (lambda done, task=task: bar.update(task, completed=done)) if bar else (lambda done: None)
+            if isolate:
+                outcome = measure_in_child(row, plan.data, warmup, iters, Path(tmp) / f"{row.name}.pickle", advance)
+            else:
+                count = iter(range(1, n_steps + 1))
+                outcome = attempt_row(row, plan.data, warmup, iters, lambda: advance(next(count)))
+            if isinstance(outcome, RowFailure) and isinstance(outcome.error, DataError):
+                raise outcome.error
+            outcomes.append(outcome)
+            if bar is not None:
+                bar.remove_task(task)
+    return outcomes
+
+
+# ----------------------------------------------------------------------------------- score
 def row_figures(run: RowRun, metrics: dict, parity: dict | None, reference_mean_ms: float | None) -> dict:
     lat = latency_stats_ms(run.latencies_s)
     timed = len(run.latencies_s)
-    stages = {k: 1000.0 * v / timed for k, v in run.stage_s.items()} if timed else {}
+    stages = stages_ms(run.stage_s, timed)
     if timed:  # time in the loop no stage accounts for (tensor conversion, Python glue)
         stages["other"] = max(0.0, lat["mean"] - sum(stages.values()))
     total_s = float(sum(run.latencies_s))
@@ -290,144 +241,32 @@ def row_figures(run: RowRun, metrics: dict, parity: dict | None, reference_mean_
     }
 
 
-def parity_figures(baseline_name: str, baseline_results: list[dict], baseline_metrics: dict,
-                   results: list[dict], metrics: dict, iou: float = PARITY_IOU) -> dict:
-    """ΔAP (row minus baseline, per IoU type) and instance matching against the baseline."""
-    from cellseg.evaluate import match_instances
-
-    delta = {}
-    for iou_type in metrics:
-        a, b = metrics[iou_type]["AP"], baseline_metrics.get(iou_type, {}).get("AP")
-        delta[iou_type] = (a - b) if a is not None and b is not None else None
-    match = match_instances(baseline_results, results, iou=iou)
-    return {"baseline": baseline_name, "delta_ap": delta, "match_iou": iou, **match}
-
-
 def parity_failures(rows: Sequence[dict], max_map_drop: float, min_parity: float = MIN_PARITY) -> list[str]:
-    """One-line failures for backend rows whose |ΔAP| exceeds `max_map_drop` or whose share of
-    matched baseline instances is below `min_parity`. The reference row is reported, not gated."""
+    """The gate (cellseg.bench.core.gate_failures) over the backend rows; the reference row is
+    reported, not gated."""
     failures = []
     for row in rows:
-        parity = row.get("parity")
-        if row.get("kind") != "backend" or not parity:
-            continue
-        for iou_type, d in sorted(parity["delta_ap"].items()):
-            if d is not None and abs(d) > max_map_drop:
-                failures.append(f"{row['name']}: {iou_type} AP differs from {parity['baseline']} by "
-                                f"{d:+.4f} (allowed ±{max_map_drop:g})")
-        if parity["matched_share"] < min_parity:
-            failures.append(f"{row['name']}: only {100 * parity['matched_share']:.1f}% of "
-                            f"{parity['baseline']}'s {parity['ref_count']} instances matched at mask IoU "
-                            f">= {parity['match_iou']:g} (need {100 * min_parity:g}%)")
+        p = row.get("parity")
+        if row.get("kind") == "backend" and p:
+            failures += gate_failures(row["name"], p["baseline"], p["delta_ap"], p["matched_share"],
+                                      max_map_drop, min_parity, p.get("ref_count"), p.get("match_iou", PARITY_IOU))
     return failures
 
 
-# --------------------------------------------------------------------------------- environment
-def environment_info() -> dict[str, Any]:
-    import torch
-
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    versions = {}
-    for dist in ("cellseg", "torch", "torchvision", "onnxruntime", "onnxruntime-gpu", "tensorrt",
-                 "numpy", "pycocotools", "faster-coco-eval"):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            versions[dist] = None
-    import torchvision
-
-    # The modules' own strings carry the build tag (e.g. 2.14.1+cu130), which matters for speed.
-    versions["torch"], versions["torchvision"] = torch.__version__, torchvision.__version__
-    env: dict[str, Any] = {
-        "hostname": platform.node(), "platform": platform.platform(), "python": platform.python_version(),
-        "cpu_model": cpu, "cpu_cores": os.cpu_count(),
-        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "torch_threads": torch.get_num_threads(),
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-        "versions": versions, "gpu": None, "cuda": torch.version.cuda, "gpu_driver": None,
-    }
-    if torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name(0)
-        try:
-            out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                 capture_output=True, text=True, timeout=10, check=False)
-            env["gpu_driver"] = out.stdout.strip().splitlines()[0] if out.stdout.strip() else None
-        except (OSError, subprocess.SubprocessError):
-            pass
-    return env
+@dataclass
+class Scores:
+    rows: list[dict]
+    baseline: str | None
+    failures: list[str]
 
 
-# ------------------------------------------------------------------------------------ the run
-def check_out_dir(out: Path | None, force: bool) -> None:
-    """Refuse an existing, non-empty report folder (or a file in its place) unless `force`."""
-    if out is None:
-        return
-    out = Path(out)
-    if out.exists() and not force and (out.is_file() or any(out.iterdir())):
-        raise OutputExistsError(f"{out}: already exists and is not empty (pass --force to overwrite)")
-
-
-def run_bench(model: Path, data: Path, backends: Sequence[str], device: str = "auto", warmup: int = 1,
-              iters: int = 3, max_map_drop: float = 0.005, out: Path | None = None, force: bool = False,
-              min_parity: float = MIN_PARITY, reference: bool = True, progress: bool = True,
-              console: Any = None) -> dict:
-    """Benchmark `backends` (+ the reference row) on `data`; returns the report dict, whose
-    "failures" lists one-line parity failures (the CLI exits non-zero when it is not empty).
-    Writes report.json, report.md and latency.png into `out` atomically when given."""
-    from rich.console import Console
-
-    from cellseg.bench.reference import ReferencePipeline
+def score_rows(gt: dict, runs: list[RowRun], failed: list[RowFailure], max_map_drop: float,
+               min_parity: float) -> Scores:
+    """COCO AP of every row, parity against the baseline (torch, else the reference), the gate;
+    failed rows first among the failures."""
     from cellseg.evaluate import evaluate_coco
-    from cellseg.pipeline import backend_names, load_predictor, resolve_device
 
-    model, data = Path(model), Path(data)
-    unknown = [b for b in backends if b not in backend_names()]
-    if unknown or not backends:
-        raise InputError(f"backends {list(backends)!r}: each must be one of {', '.join(backend_names())}")
-    if warmup < 0 or iters < 1:
-        raise InputError(f"need warmup >= 0 and iters >= 1 (got warmup={warmup}, iters={iters})")
-    if not model.exists():
-        raise InputError(f"{model}: no such checkpoint or export folder")
-    check_out_dir(out, force)
-    console = console or Console()
-    bench_data = load_bench_data(data)
-    started = datetime.now(timezone.utc)
-
-    plan: list[tuple[str, str, Callable[[], Any]]] = []
-    if reference:
-        plan.append(("reference", "reference", lambda: ReferencePipeline(model, resolve_device(device))))
-    for name in dict.fromkeys(backends):  # keep order, drop repeats
-        def load(name: str = name) -> Any:
-            return _PredictorRunner(load_predictor(model, name, device), model, name)
-        plan.append((name, "backend", load))
-
-    runs: list[RowRun] = []
-    skipped: list[dict[str, str]] = []
-    errors: list[str] = []
-    n_steps = warmup + iters * len(bench_data.image_paths)
-    with _progress(console, progress) as bar:
-        for name, kind, load in plan:
-            task = bar.add_task(f"{name}", total=n_steps) if bar else None
-            tick = (lambda task=task: bar.advance(task)) if bar else (lambda: None)
-            try:
-                runs.append(measure_row(name, kind, load, bench_data, warmup, iters, tick))
-            except (BackendUnavailableError, InputError) as err:
-                if isinstance(err, DataError):
-                    raise
-                skipped.append({"backend": name, "reason": str(err)})
-            except CellsegError as err:  # e.g. a corrupt graph: report it, bench the others
-                errors.append(f"{name}: {err}")
-            if bar is not None:
-                bar.remove_task(task)
-
-    metrics = {r.name: evaluate_coco(bench_data.gt, r.results) for r in runs}
+    metrics = {r.name: evaluate_coco(gt, r.results) for r in runs}
     by_name = {r.name: r for r in runs}
     baseline = "torch" if "torch" in by_name else ("reference" if "reference" in by_name else None)
     ref_mean = latency_stats_ms(by_name["reference"].latencies_s)["mean"] if "reference" in by_name else None
@@ -438,32 +277,82 @@ def run_bench(model: Path, data: Path, backends: Sequence[str], device: str = "a
             b = by_name[baseline]
             parity = parity_figures(baseline, b.results, metrics[baseline], r.results, metrics[r.name])
         rows.append(row_figures(r, metrics[r.name], parity, ref_mean))
+    failures = [f"{f.name}: {f.reason}" for f in failed] + parity_failures(rows, max_map_drop, min_parity)
+    return Scores(rows, baseline, failures)
 
-    failures = errors + parity_failures(rows, max_map_drop, min_parity)
-    if not any(r.kind == "backend" for r in runs):
+
+# ---------------------------------------------------------------------------------- report
+def build_report(plan: BenchPlan, runs: list[RowRun], skipped: list[dict], failed: list[RowFailure],
+                 scores: Scores, settings: dict[str, Any]) -> dict:
+    data = plan.data
+    failures = list(scores.failures)
+    if not any(r.kind == "backend" for r in runs) and not failed:
         failures.append("no backend ran: " + "; ".join(f"{s['backend']}: {s['reason']}" for s in skipped))
-    report = {
+    return {
         "schema": "cellseg-bench-v1",
-        "started_utc": started.isoformat(timespec="seconds"),
-        "settings": {"model": str(model), "data": str(data), "backends": list(backends), "device": device,
-                     "warmup": warmup, "iters": iters, "max_map_drop": max_map_drop,
-                     "min_parity": min_parity, "parity_iou": PARITY_IOU, "reference": reference},
-        "data": {"source": str(data), "images": len(bench_data.image_paths),
-                 "gt_instances": bench_data.instances,
-                 "max_gt_instances_per_image": _max_per_image(bench_data.gt)},
+        "started_utc": plan.started.isoformat(timespec="seconds"),
+        "settings": {"model": str(plan.model), "data": str(data.source), **plan.settings, **settings,
+                     "parity_iou": PARITY_IOU, "reference": any(r.kind == "reference" for r in plan.rows)},
+        "data": {"source": str(data.source), "images": len(data.image_paths), "gt_instances": data.instances,
+                 "max_gt_instances_per_image": _max_per_image(data.gt)},
         "environment": environment_info(),
-        "parity_baseline": baseline,
-        "rows": rows,
+        "parity_baseline": scores.baseline,
+        "rows": scores.rows,
         "skipped": skipped,
+        "failed_rows": [{"row": f.name, "reason": f.reason,
+                         "error": type(f.error).__name__ if f.error is not None else None} for f in failed],
         "failures": failures,
         "latencies_ms": {r.name: [1000.0 * s for s in r.latencies_s] for r in runs},
     }
+
+
+def run_bench(model: Path, data: Path, backends: Sequence[str], device: str = "auto", warmup: int = 1,
+              iters: int = 3, max_map_drop: float = 0.005, out: Path | None = None, force: bool = False,
+              min_parity: float = MIN_PARITY, reference: bool = True, progress: bool = True,
+              console: Any = None, isolate: bool = True) -> dict:
+    """Benchmark `backends` (+ the reference row) on `data`: plan -> measure -> score -> report.
+    Returns the report dict, whose "failures" lists one line per failed row or gate
+    (`failure_error` turns them into the error to raise). Writes report.json, report.md and
+    latency.png into `out` atomically when given."""
+    from rich.console import Console
+
     from cellseg.bench.report import print_report, write_report
 
+    plan = plan_bench(model, data, backends, device, warmup, iters, out, force, reference)
+    console = console or Console()
+    outcomes = measure_rows(plan, progress, console, isolate)
+    runs = [o for o in outcomes if isinstance(o, RowRun)]
+    failed = [o for o in outcomes if isinstance(o, RowFailure) and o.status == "failed"]
+    skipped = plan.skipped + [skip_entry(o.name, o.error) for o in outcomes
+                              if isinstance(o, RowFailure) and o.status == "skipped" and o.error is not None]
+    scores = score_rows(plan.data.gt, runs, failed, max_map_drop, min_parity)
+    settings = {"max_map_drop": max_map_drop, "min_parity": min_parity,
+                "rows_in": "one process per row" if isolate else "this process"}
+    report = build_report(plan, runs, skipped, failed, scores, settings)
     print_report(report, console)
     if out is not None:
         write_report(report, Path(out), force=force)
     return report
+
+
+def failure_error(report: dict) -> CellsegError | None:
+    """The error a failed run ends with, its message one line summing up the failures: a
+    CheckpointError when a row could not load its artifacts (the model is what to fix), a
+    BackendUnavailableError or InputError when no backend ran at all because none could,
+    else a VerificationError (a gate failed, or a row crashed and so was not verified)."""
+    failures = report.get("failures") or []
+    if not failures:
+        return None
+    n = len(failures)
+    message = f"bench: {n} failure{'s' if n > 1 else ''}: {failures[0]}" + \
+        (f" (and {n - 1} more, listed above and in the report)" if n > 1 else "")
+    errors = [f.get("error") for f in report.get("failed_rows", [])]
+    if "CheckpointError" in errors:
+        return CheckpointError(message)
+    if not any(r.get("kind") == "backend" for r in report.get("rows", [])) and not report.get("failed_rows"):
+        causes = [s.get("error") for s in report.get("skipped", [])]
+        return BackendUnavailableError(message) if "BackendUnavailableError" in causes else InputError(message)
+    return VerificationError(message)
 
 
 def _max_per_image(gt: dict) -> int:
@@ -488,6 +377,15 @@ def _progress(console: Any, enabled: bool) -> Any:
 
     return Progress(TextColumn("bench {task.description}"), BarColumn(), MofNCompleteColumn(),
                     TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True)
+
+
+def check_out_dir(out: Path | None, force: bool) -> None:
+    """Refuse an existing, non-empty report folder (or a file in its place) unless `force`."""
+    if out is None:
+        return
+    out = Path(out)
+    if out.exists() and not force and (out.is_file() or any(out.iterdir())):
+        raise OutputExistsError(f"{out}: already exists and is not empty (pass --force to overwrite)")
 
 
 # ---------------------------------------------------------------------------- atomic report dir

@@ -7,6 +7,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from cellseg.bench.core import fmt as _f
+from cellseg.bench.core import fmt_ms as _ms
+
 STAGE_ORDER = ("read", "preprocess", "backbone", "rpn", "roi_glue", "box_head", "mask_head",
                "roi_heads", "paste", "paste_rle", "threshold_rle", "json", "other")
 
@@ -14,15 +17,6 @@ SPEED_COLUMNS = ("row", "load s", "mean ms", "p50 ms", "p90 ms", "p99 ms", "min 
                  "img/s", "× ref", "RSS MB", "CUDA MB", "size MB")
 ACCURACY_COLUMNS = ("row", "dets", "segm AP", "bbox AP", "ΔAP segm", "ΔAP bbox", "parity %",
                     "mean IoU", "max Δscore")
-
-
-def _f(v: Any, fmt: str = ".1f") -> str:
-    return "-" if v is None else format(v, fmt)
-
-
-def _ms(v: float | None) -> str:
-    """Milliseconds with about four significant digits."""
-    return _f(v, ".0f" if v is not None and v >= 1000 else ".1f" if v is not None and v >= 10 else ".2f")
 
 
 def speed_rows(report: dict) -> list[list[str]]:
@@ -59,6 +53,15 @@ TERMINAL_SPEED = ("row", "load s", "mean ms", "p50 ms", "p90 ms", "p99 ms", "img
                   "RSS MB", "CUDA MB", "size MB")
 
 
+def machine_line(env: dict) -> str:
+    """CPU model, its vector ISA, cores and threads, GPU: what the figures depend on."""
+    gpu = (f"{env['gpu']} (driver {env.get('gpu_driver') or '?'}, CUDA {env.get('cuda') or '?'})"
+           if env.get("gpu") else "none")
+    isa = ", ".join(env.get("cpu_isa") or []) or "none of AVX2 / AVX-512 / VNNI / AMX reported"
+    return (f"{env.get('cpu_model') or '?'} (ISA: {isa}), {env.get('cpu_cores')} cores "
+            f"({env.get('cpu_affinity')} usable, torch threads {env.get('torch_threads')}); GPU: {gpu}")
+
+
 def print_report(report: dict, console: Any) -> None:
     """Two compact tables (every figure is in report.json / report.md)."""
     from rich import box
@@ -79,6 +82,7 @@ def print_report(report: dict, console: Any) -> None:
         for cells in rows:
             table.add_row(*cells)
         console.print(table)
+    console.print(f"machine: {machine_line(report['environment'])}", markup=False, highlight=False)
     for s in report["skipped"]:
         console.print(f"skipped {s['backend']}: {s['reason']}", markup=False, highlight=False)
     for f in report["failures"]:
@@ -95,20 +99,18 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def render_markdown(report: dict) -> str:
     env, s, d = report["environment"], report["settings"], report["data"]
     v = env.get("versions", {})
-    gpu = f"{env['gpu']} (driver {env.get('gpu_driver') or '?'}, CUDA {env.get('cuda') or '?'})" if env.get("gpu") else "none"
     parts = [
         f"# cellseg bench — {report['started_utc']}",
         "",
-        f"Machine: {env.get('cpu_model') or '?'}, {env.get('cpu_cores')} cores "
-        f"({env.get('cpu_affinity')} usable, torch threads {env.get('torch_threads')}); GPU: {gpu}; "
-        f"host {env.get('hostname')}, {env.get('platform')}.",
+        f"Machine: {machine_line(env)}; host {env.get('hostname')}, {env.get('platform')}.",
         "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val) + ".",
         "",
         f"Model `{s['model']}`; data `{s['data']}`: {d['images']} images, {d['gt_instances']} GT instances "
         f"(at most {d['max_gt_instances_per_image']} per image). Device {s['device']}, warm-up "
         f"{s['warmup']}, {s['iters']} timed pass(es) over every image, one image at a time. Parity "
         f"baseline: {report['parity_baseline'] or '-'} (mask IoU ≥ {s['parity_iou']}, pass: "
-        f"|ΔAP| ≤ {s['max_map_drop']}, matched ≥ {100 * s['min_parity']:g}%).",
+        f"|ΔAP| ≤ {s['max_map_drop']}, matched ≥ {100 * s['min_parity']:g}%). Rows measured in "
+        f"{s.get('rows_in', 'one process')}.",
         "",
         "## Speed (latency per image, end to end: read → results → JSON)",
         "",
@@ -142,6 +144,8 @@ def render_markdown(report: dict) -> str:
                             "baseline matched %", "row matched %"], par_rows) if par_rows else "(no parity rows)")
     parts += ["", "## Skipped backends", ""]
     parts += [f"- {x['backend']}: {x['reason']}" for x in report["skipped"]] or ["(none)"]
+    parts += ["", "## Failed rows (no figures)", ""]
+    parts += [f"- {x['row']}: {x['reason']}" for x in report.get("failed_rows", [])] or ["(none)"]
     parts += ["", "## Failures", ""]
     parts += [f"- {f}" for f in report["failures"]] or ["(none)"]
     parts += ["", "## Row settings", ""]

@@ -76,11 +76,16 @@ def data_synth(out: Path = typer.Argument(..., help="folder to create"),
                n_train: int = typer.Option(16, "--n-train"), n_test: int = typer.Option(4, "--n-test"),
                seed: int = typer.Option(0, "--seed"), size: int = typer.Option(256, "--size"),
                crowded: bool = typer.Option(False, "--crowded", help=">= 300 cells per 1024^2"),
+               slide: int = typer.Option(0, "--slide", help="instead: one SIDE x SIDE tiled pyramidal TIFF + its COCO GT"),
                force: bool = typer.Option(False, "--force")):
-    """A synthetic HW3-layout data set with every awkward real-format trait."""
-    from cellseg.data.synth import synthesize
+    """A synthetic HW3-layout data set with every awkward real-format trait (or, with --slide,
+    one large tiled pyramidal TIFF with its ground truth)."""
+    from cellseg.data.synth import synthesize, synthesize_slide
 
-    path = synthesize(out, n_train=n_train, n_test=n_test, seed=seed, size=size, crowded=crowded, force=force)
+    if slide:
+        path = synthesize_slide(out, slide, seed=seed, crowded=crowded, force=force)
+    else:
+        path = synthesize(out, n_train=n_train, n_test=n_test, seed=seed, size=size, crowded=crowded, force=force)
     typer.echo(f"wrote {path}")
 
 
@@ -90,8 +95,9 @@ def train(data: Path = typer.Argument(..., help="HW3 layout root (ROOT or ROOT/t
           out: Path = typer.Option(..., "--out", help="run folder (last.pt, best.pt, metrics.jsonl)"),
           arch: str = typer.Option("maskrcnn_resnet18_fpn", "--arch"),
           epochs: int = typer.Option(12, "--epochs"), batch_size: int = typer.Option(2, "--batch-size"),
-          lr: float = typer.Option(1e-4, "--lr"), val_fraction: float = typer.Option(0.15, "--val-fraction"),
-          device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+          lr: float = typer.Option(1e-4, "--lr"), weight_decay: float = typer.Option(1e-4, "--weight-decay"),
+          val_fraction: float = typer.Option(0.15, "--val-fraction"),
+          device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
           weights: str = typer.Option("none", "--weights", help="none | default | PATH to a .pth state dict"),
           resume: bool = typer.Option(False, "--resume", help="continue from RUN_DIR/last.pt"),
           seed: int = typer.Option(0, "--seed"),
@@ -99,20 +105,23 @@ def train(data: Path = typer.Argument(..., help="HW3 layout root (ROOT or ROOT/t
           max_iters_per_epoch: int = typer.Option(0, "--max-iters-per-epoch", help="cap iterations per epoch (0 = all)"),
           scale: float = typer.Option(1.0, "--scale", help="resize factor applied to every image (1 = native pixels)"),
           workers: int = typer.Option(0, "--workers"),
+          scheduler: str = typer.Option("cosine", "--scheduler", help="cosine | multistep (per iteration)"),
+          warmup_iters: Optional[int] = typer.Option(None, "--warmup-iters",
+                                                     help="linear LR warmup (default: min(1000, one epoch))"),
+          cache: bool = typer.Option(False, "--cache", help="keep decoded training samples in memory"),
+          quiet: bool = typer.Option(False, "--quiet", help="no progress bars or per-epoch lines"),
           model_set: list[str] = typer.Option([], "--set", help="model setting KEY=VALUE (a ModelSpec field, "
                                               "e.g. box_score_thresh=0.1); repeatable")):
     """Train Mask R-CNN; validation COCO AP every epoch; resumable."""
-    from cellseg.config import ARCHS, TrainConfig
+    from cellseg.config import TrainConfig
     from cellseg.train import fit
 
-    if arch not in ARCHS:
-        raise InputError(f"unknown --arch {arch!r} (choose from {', '.join(ARCHS)})")
-    if device not in ("auto", "cpu", "cuda"):
-        raise InputError(f"unknown --device {device!r} (choose from auto, cpu, cuda)")
     cfg = TrainConfig(data=str(data), out=str(out), arch=arch, epochs=epochs, batch_size=batch_size, lr=lr,
-                      val_fraction=val_fraction, device=device, weights=weights, resume=resume, seed=seed,
-                      workers=workers, crop_size=crop_size, max_iters_per_epoch=max_iters_per_epoch, scale=scale,
-                      extra={"model": _parse_settings(model_set)})
+                      weight_decay=weight_decay, val_fraction=val_fraction, device=device, weights=weights,
+                      resume=resume, seed=seed, workers=workers, crop_size=crop_size,
+                      max_iters_per_epoch=max_iters_per_epoch, scale=scale,
+                      model_overrides=tuple(_parse_settings(model_set).items()), scheduler=scheduler,
+                      warmup_iters=warmup_iters, progress=not quiet, cache=cache)
     best = fit(cfg)
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
         typer.echo(f"best checkpoint: {best}")
@@ -135,28 +144,38 @@ def _parse_settings(items: list[str]) -> dict:
 # ---------------------------------------------------------------------------------------- infer
 @command(app)
 def infer(model: Path = typer.Argument(..., help="checkpoint .pt or export folder"),
-          inputs: list[Path] = typer.Argument(..., help="image files or folders"),
-          out: Path = typer.Option(..., "--out", help="COCO results JSON"),
+          inputs: list[Path] = typer.Argument(..., help="image files or folders (any size: large ones run tile by tile)"),
+          out: Path = typer.Option(..., "--out", help="COCO results JSON (per-image outputs go next to it)"),
           backend: Optional[str] = typer.Option(None, "--backend", help="torch | onnxruntime | trt"),
           id_map: Optional[Path] = typer.Option(None, "--id-map", help="test_image_name_to_ids.json"),
           device: str = typer.Option("auto", "--device"),
           score_thresh: Optional[float] = typer.Option(None, "--score-thresh"),
+          formats: str = typer.Option("coco", "--format", help="coco, geojson, labels: one or more, comma-separated"),
+          out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="folder for per-image GeoJSON / label images (default: --out's folder)"),
+          tile: Optional[int] = typer.Option(None, "--tile", help="tile side in px (default from the checkpoint)"),
+          overlap: Optional[int] = typer.Option(None, "--overlap", help="tile overlap in px (default: the largest training object)"),
+          skip_background: bool = typer.Option(True, "--skip-background/--no-skip-background", help="skip tiles with no tissue"),
+          resume: bool = typer.Option(False, "--resume", help="continue an interrupted run from its finished tiles"),
           overlays: Optional[Path] = typer.Option(None, "--overlays", help="write one PNG per image here"),
-          force: bool = typer.Option(False, "--force", help="overwrite an existing results file"),
+          force: bool = typer.Option(False, "--force", help="overwrite existing outputs"),
           quiet: bool = typer.Option(False, "--quiet")):
-    """Images in, COCO results JSON out (bbox xywh, score, category_id, RLE segmentation)."""
-    from cellseg.infer import (assign_image_ids, collect_inputs, load_id_map_if_any, prepare_output,
-                               results_summary, run_inference, write_results)
+    """Images of any size in; COCO results JSON, QuPath GeoJSON and/or label images out."""
+    from cellseg.infer import (InferSettings, assign_image_ids, collect_inputs, infer_to_outputs,
+                               load_id_map_if_any, parse_formats, plan_outputs)
     from cellseg.pipeline import load_predictor
 
-    prepare_output(out, force)
+    chosen = parse_formats(formats)
     paths = collect_inputs(inputs)
+    plan = plan_outputs(paths, out, chosen, out_dir, overlays, force, resume)
     image_ids = assign_image_ids(paths, load_id_map_if_any(id_map))
     predictor = load_predictor(model, backend=backend, device=device)
-    results, stats = run_inference(predictor, paths, image_ids, score_thresh, overlays, progress=not quiet)
-    write_results(results, out, force)
-    summary = results_summary(results)
-    typer.echo(f"wrote {out}: {stats.images} images, {summary['instances']} instances "
+    settings = InferSettings(score_thresh=score_thresh, tile=tile, overlap=overlap, skip_background=skip_background,
+                             resume=resume, progress=not quiet, model_id=f"{Path(model).resolve()}|{predictor.backend_name}")
+    stats = infer_to_outputs(predictor, paths, image_ids, plan, settings)
+    for note in stats.notes:
+        typer.echo(f"cellseg: {note}", err=True)
+    where = ", ".join(str(p) for p in ([plan.coco] if plan.coco else []) + ([plan.out_dir] if set(chosen) - {"coco"} else []))
+    typer.echo(f"wrote {where}: {stats.images} images, {stats.instances} instances, {stats.tiles} tiles "
                f"(backend {predictor.backend_name}, {stats.seconds['predict']:.2f} s predicting)")
 
 
@@ -173,7 +192,13 @@ def eval_(results: Path = typer.Argument(..., help="COCO results JSON"),
     if json_out is not None:
         check_writable(json_out, force)
     gt_dict = _load_gt(gt)
-    metrics = evaluate_coco(gt_dict, load_results(results))
+    detections = load_results(results)
+    iou_types = ("segm", "bbox")
+    if detections and not any("segmentation" in r for r in detections):
+        iou_types = ("bbox",)  # box-only results: there is no mask to score
+    metrics = evaluate_coco(gt_dict, detections, iou_types=iou_types, source=str(results))
+    if iou_types == ("bbox",):
+        typer.echo(f"{results}: results have boxes but no masks: bbox AP only", err=True)
     rows = []
     for iou_type, m in metrics.items():
         per_class = ", ".join(f"{k} {_fmt(v, 3)}" for k, v in m["per_class"].items())
@@ -230,14 +255,15 @@ def bench(model: Path = typer.Argument(..., help="checkpoint .pt or export folde
           out: Optional[Path] = typer.Option(None, "--out", help="report folder"),
           force: bool = typer.Option(False, "--force")):
     """Speed and mAP parity of every available backend against PyTorch, in one table."""
-    from cellseg.bench.harness import run_bench
+    from cellseg.bench.harness import failure_error, run_bench
 
     report = run_bench(model, data, [b.strip() for b in backends.split(",") if b.strip()], device=device,
                        warmup=warmup, iters=iters, max_map_drop=max_map_drop, out=out, force=force)
     for failure in report.get("failures", []):
         typer.echo(f"cellseg: bench: {failure}", err=True)
-    if report.get("failures"):
-        raise typer.Exit(6)
+    error = failure_error(report)
+    if error is not None:
+        raise error
 
 
 # ----------------------------------------------------------------------------------------- demo

@@ -4,7 +4,7 @@ It round-trips through plain JSON (`to_dict` / `from_dict`)."""
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from cellseg.errors import CheckpointError
@@ -50,6 +50,10 @@ class ModelSpec:
     # times its own area, so a 1024 px tile of the same tissue as 256 px training crops keeps the
     # crops' per-cell budget (cellseg.model.inference_budgets). 0 = fixed budgets per image.
     max_instances_per_mpx: float = 0.0
+    # Side in pixels (after `scale`) of the largest training object's box: tiled inference keeps
+    # its tile overlap at least this wide, so every object lies whole inside some tile.
+    # 0 = not recorded (checkpoints from before it was).
+    max_object_px: int = 0
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -86,8 +90,14 @@ class ModelSpec:
         return spec
 
 
+# Learning-rate schedules `cellseg train --scheduler` accepts (per iteration, after a linear warmup).
+SCHEDULERS = ("cosine", "multistep")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
+    """One training run; stored as RUN_DIR/config.json (`to_dict` / `from_dict`)."""
+
     data: str
     out: str
     arch: str = "maskrcnn_resnet18_fpn"
@@ -104,4 +114,35 @@ class TrainConfig:
     crop_size: int = 0  # 0 = whole images; >0 = random crops of this side (native scale kept)
     max_iters_per_epoch: int = 0  # 0 = full epoch; used by the demo and tests to cap time
     scale: float = 1.0
-    extra: dict = field(default_factory=dict)
+    # ModelSpec fields given by hand (`--set KEY=VALUE`); they win over what the data sizes.
+    model_overrides: tuple[tuple[str, Any], ...] = ()
+    scheduler: str = "cosine"  # one of SCHEDULERS
+    warmup_iters: int | None = None  # None = min(1000, one epoch)
+    progress: bool = True  # progress bars and a line per epoch on stderr
+    cache: bool = False  # keep decoded training samples in memory (masks bit-packed)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["model_overrides"] = {k: v for k, v in self.model_overrides}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        """Inverse of `to_dict`; also reads the config.json of runs made before the typed fields
+        (their free-form `extra` dict). Unknown keys are ignored. Raises TypeError/ValueError."""
+        if not isinstance(d, dict):
+            raise TypeError("not a JSON object")
+        d = dict(d)
+        legacy = d.pop("extra", None) or {}
+        if not isinstance(legacy, dict):
+            raise TypeError("'extra' is not a JSON object")
+        for old, new in (("model", "model_overrides"), ("scheduler", "scheduler"),
+                         ("warmup_iters", "warmup_iters"), ("progress", "progress"), ("cache", "cache")):
+            if old in legacy and new not in d:
+                d[new] = legacy[old]
+        overrides = d.get("model_overrides", ())
+        if isinstance(overrides, dict):
+            overrides = overrides.items()
+        d["model_overrides"] = tuple((str(k), v) for k, v in overrides)
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})

@@ -58,7 +58,7 @@ def run_demo(out: Path, force: bool = False, train_iters: int = 0, plan: DemoPla
     best = fit(TrainConfig(data=str(data), out=str(out / "run"), arch="maskrcnn_resnet18_fpn", epochs=plan.epochs,
                            batch_size=plan.batch_size, lr=plan.lr, val_fraction=0.2, device="auto", seed=0,
                            max_iters_per_epoch=plan.iters_per_epoch, resume=(out / "run" / "last.pt").exists(),
-                           extra={"model": plan.model, "progress": plan.progress}))
+                           model_overrides=tuple(plan.model.items()), progress=plan.progress))
     timings["train"] = time.perf_counter() - t
 
     t = step("inferring the test images (torch backend)")

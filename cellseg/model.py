@@ -25,9 +25,10 @@ mapped back to the input image's pixels in `postprocess`.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,6 @@ from torch import Tensor, nn
 from torchvision.models import resnet18, resnet50
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead
@@ -47,6 +47,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform, res
 
 from cellseg.config import ARCHS, ModelSpec
 from cellseg.errors import CheckpointError, InputError
+from cellseg.tv_compat import resnet_fpn_extractor, rpn_test_budgets, set_rpn_test_budgets
 
 DEFAULT_MASK_HEAD = (256, 256, 256, 256)
 LIGHT_ARCH = "maskrcnn_resnet18_fpn"
@@ -131,19 +132,19 @@ def _build_architecture(spec: ModelSpec, pretrained: bool) -> MaskRCNN:
     k = spec.num_classes
     ag = _anchor_generator(spec)
     if spec.arch == "maskrcnn_resnet50_fpn":
-        backbone = _resnet_fpn_extractor(resnet50(weights=None), trainable)
+        backbone = resnet_fpn_extractor(resnet50(weights=None), trainable)
         box_head = TwoMLPHead(backbone.out_channels * 7 * 7, spec.box_head_dim)
         mask_head = MaskRCNNHeads(backbone.out_channels, list(spec.mask_head_channels), 1)
         rpn_head = RPNHead(backbone.out_channels, ag.num_anchors_per_location()[0])
     elif spec.arch == "maskrcnn_resnet50_fpn_v2":
-        backbone = _resnet_fpn_extractor(resnet50(weights=None), trainable, norm_layer=nn.BatchNorm2d)
+        backbone = resnet_fpn_extractor(resnet50(weights=None), trainable, norm_layer=nn.BatchNorm2d)
         box_head = FastRCNNConvFCHead((backbone.out_channels, 7, 7), [256, 256, 256, 256],
                                       [spec.box_head_dim], norm_layer=nn.BatchNorm2d)
         mask_head = MaskRCNNHeads(backbone.out_channels, list(spec.mask_head_channels), 1,
                                   norm_layer=nn.BatchNorm2d)
         rpn_head = RPNHead(backbone.out_channels, ag.num_anchors_per_location()[0], conv_depth=2)
     elif spec.arch == LIGHT_ARCH:
-        backbone = _resnet_fpn_extractor(resnet18(weights=None), trainable)
+        backbone = resnet_fpn_extractor(resnet18(weights=None), trainable)
         box_head = TwoMLPHead(backbone.out_channels * 7 * 7, spec.box_head_dim)
         mask_head = MaskRCNNHeads(backbone.out_channels, list(spec.mask_head_channels), 1)
         rpn_head = RPNHead(backbone.out_channels, ag.num_anchors_per_location()[0])
@@ -266,7 +267,7 @@ def build_model(spec: ModelSpec, weights: str | None = None) -> MaskRCNN:
 
 def _with_budgets(model: MaskRCNN, spec: ModelSpec) -> MaskRCNN:
     model.cellseg_spec = spec
-    model.register_forward_pre_hook(_budget_pre_hook(spec))
+    _budgets_for_each_forward(model, spec)
     return model
 
 
@@ -298,28 +299,45 @@ def inference_budgets(spec: ModelSpec, height: int, width: int) -> tuple[int, in
             detections)
 
 
-def apply_inference_budgets(model: MaskRCNN, spec: ModelSpec, image_sizes: Sequence[tuple[int, int]]) -> None:
-    """Set the model's test-time RPN and detection budgets for a batch of network-input sizes
-    (the largest image decides; one image at a time is the usual inference batch)."""
+@contextlib.contextmanager
+def inference_budgets_applied(model: MaskRCNN, spec: ModelSpec,
+                              image_sizes: Sequence[tuple[int, int]]) -> Iterator[None]:
+    """Within the block, the model's test-time RPN and detection budgets are those of a batch of
+    network-input sizes (the largest image decides; one image at a time is the usual inference
+    batch). On exit, also on an exception, the previous budgets are back: the model is shared
+    (training's validation runs on the live model), so a call must leave no trace in it."""
     h, w = max(((int(a), int(b)) for a, b in image_sizes), key=lambda s: s[0] * s[1])
     pre, post, detections = inference_budgets(spec, h, w)
-    model.rpn._pre_nms_top_n["testing"] = pre
-    model.rpn._post_nms_top_n["testing"] = post
+    saved_rpn, saved_detections = rpn_test_budgets(model.rpn), model.roi_heads.detections_per_img
+    set_rpn_test_budgets(model.rpn, pre, post)
     model.roi_heads.detections_per_img = detections
+    try:
+        yield
+    finally:
+        set_rpn_test_budgets(model.rpn, *saved_rpn)
+        model.roi_heads.detections_per_img = saved_detections
 
 
-def _budget_pre_hook(spec: ModelSpec):
-    """forward pre-hook: an eager `model(images)` in eval mode gets the same per-image budgets as
-    cellseg's pipeline (sizes as NativeScaleTransform's interpolate computes them: floor)."""
+def _budgets_for_each_forward(model: MaskRCNN, spec: ModelSpec) -> None:
+    """An eager `model(images)` in eval mode runs inside inference_budgets_applied, like cellseg's
+    pipeline (sizes as NativeScaleTransform's interpolate computes them: floor). The pre-hook
+    enters the block and the forward hook (called on exceptions too) leaves it."""
+    open_blocks: list[contextlib.ExitStack] = []
 
-    def hook(model: MaskRCNN, args: tuple) -> None:
-        if model.training or not args:
-            return
-        sizes = [(math.floor(im.shape[-2] * spec.scale), math.floor(im.shape[-1] * spec.scale)) for im in args[0]]
-        if sizes:
-            apply_inference_budgets(model, spec, sizes)
+    def enter(module: MaskRCNN, args: tuple) -> None:
+        stack = contextlib.ExitStack()
+        if not module.training and args and len(args[0]):
+            sizes = [(math.floor(im.shape[-2] * spec.scale), math.floor(im.shape[-1] * spec.scale))
+                     for im in args[0]]
+            stack.enter_context(inference_budgets_applied(module, spec, sizes))
+        open_blocks.append(stack)
 
-    return hook
+    def leave(module: MaskRCNN, args: tuple, output: Any) -> None:
+        if open_blocks:
+            open_blocks.pop().close()
+
+    model.register_forward_pre_hook(enter)
+    model.register_forward_hook(leave, always_call=True)
 
 
 @torch.no_grad()
@@ -330,10 +348,10 @@ def predict_raw(model: MaskRCNN, images: list[Tensor]) -> list[dict[str, Tensor]
         raise RuntimeError("predict_raw needs model.eval()")
     original_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
     image_list, _ = model.transform(images)
-    apply_inference_budgets(model, spec_of(model), image_list.image_sizes)
-    features = model.backbone(image_list.tensors)
-    proposals, _ = model.rpn(image_list, features)
-    detections, _ = model.roi_heads(features, proposals, image_list.image_sizes)
+    with inference_budgets_applied(model, spec_of(model), image_list.image_sizes):
+        features = model.backbone(image_list.tensors)
+        proposals, _ = model.rpn(image_list, features)
+        detections, _ = model.roi_heads(features, proposals, image_list.image_sizes)
     out = []
     for det, resized, original in zip(detections, image_list.image_sizes, original_sizes):
         out.append({"boxes": resize_boxes(det["boxes"], list(resized), list(original)),
@@ -354,6 +372,7 @@ def spec_from_data(arch: str, class_names: Sequence[str], category_ids: Sequence
     object_sizes: one size per training instance in pixels (max(w, h) of its box, or sqrt(area)).
     Anchors: 5 FPN levels doubling from the power of two nearest the 10th percentile of the object
     sizes after `scale` (at least 8): CoNSeP nuclei (5-60 px) get 8..128 instead of 32..512.
+    max_object_px: the largest object size after `scale`, rounded up (what a tile overlap must hold).
     Detections and test-time proposals: max(1000, 2 * max_instances) — never a silent 100 — and
     at inference at least 2x `max_instances_per_mpx` (densest training image, per 1e6 pixels
     before `scale`) times the image's area (see inference_budgets)."""
@@ -362,11 +381,12 @@ def spec_from_data(arch: str, class_names: Sequence[str], category_ids: Sequence
     sizes = np.asarray(object_sizes, dtype=np.float64).ravel() * scale
     sizes = sizes[np.isfinite(sizes) & (sizes > 0)]
     smallest = max(MIN_ANCHOR, _power_of_two_near(float(np.percentile(sizes, 10)))) if sizes.size else 32
+    largest = math.ceil(float(sizes.max())) if sizes.size else 0
     detections = max(MIN_DETECTIONS, 2 * int(max_instances))
     values: dict[str, Any] = dict(
         arch=arch, class_names=tuple(class_names), category_ids=tuple(int(c) for c in category_ids),
         scale=float(scale), max_instances_per_mpx=float(max_instances_per_mpx) / (scale * scale) if scale > 0 else 0.0,
-        anchor_sizes=tuple(smallest * 2 ** i for i in range(5)),
+        anchor_sizes=tuple(smallest * 2 ** i for i in range(5)), max_object_px=largest,
         box_detections_per_img=detections,
         rpn_pre_nms_top_n_test=detections, rpn_post_nms_top_n_test=detections,
         rpn_pre_nms_top_n_train=max(2000, detections), rpn_post_nms_top_n_train=max(2000, detections),

@@ -11,7 +11,6 @@ the heads ROI_CHUNK at a time. So `Predictor(torch backend).predict(image)` equa
 backends differ only by their graphs."""
 from __future__ import annotations
 
-import json
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -24,15 +23,17 @@ from torch import Tensor, nn
 from torchvision.models.detection.roi_heads import maskrcnn_inference
 from torchvision.models.detection.rpn import concat_box_prediction_layers
 
+from cellseg.artifacts import (CHECKPOINT_COPY, artifacts_present, check_weights_hash, engine_paths, onnx_paths,
+                               read_export_json)
 from cellseg.backends.base import BACKEND_PREFERENCE, Backend
 from cellseg.config import ModelSpec
+from cellseg.device import resolve_device
 from cellseg.errors import BackendUnavailableError, CheckpointError, InputError
-from cellseg.model import apply_inference_budgets
+from cellseg.model import inference_budgets_applied
+from cellseg.postprocess import detections_to_coco
 from cellseg.roi_align import pool_rois, restore_order
 
-STAGES = ("preprocess", "backbone", "rpn", "box_head", "roi_glue", "mask_head")
-EXPORT_JSON = "cellseg.json"
-CHECKPOINT_COPY = "model.pt"
+STAGES = ("preprocess", "backbone", "rpn", "box_head", "roi_glue", "mask_head", "paste_rle")
 ROI_CHUNK = 512  # RoIs per pooling + head call (see Predictor._box_heads)
 
 
@@ -85,19 +86,19 @@ class Predictor:
         x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1).to(self.device)
         images, _ = self.model.transform([x])
         image_sizes = images.image_sizes
-        apply_inference_budgets(self.model, self.spec, image_sizes)
-        t = self._tick("preprocess", t)
+        with inference_budgets_applied(self.model, self.spec, image_sizes):
+            t = self._tick("preprocess", t)
 
-        features, objectness, deltas = self.backend.run_backbone(images.tensors)
-        t = self._tick("backbone", t)
+            features, objectness, deltas = self.backend.run_backbone(images.tensors)
+            t = self._tick("backbone", t)
 
-        proposals = self._proposals(images, features, objectness, deltas)
-        t = self._tick("rpn", t)
+            proposals = self._proposals(images, features, objectness, deltas)
+            t = self._tick("rpn", t)
 
-        heads = self.model.roi_heads
-        level_cache: dict[str, Tensor] = {}  # pool_rois' channels-last copies of the levels, per image
-        class_logits, box_regression, t = self._box_heads(features, proposals[0], image_sizes, level_cache, t)
-        boxes, scores, labels = heads.postprocess_detections(class_logits, box_regression, proposals, image_sizes)
+            heads = self.model.roi_heads
+            level_cache: dict[str, Tensor] = {}  # pool_rois' channels-last copies of the levels, per image
+            class_logits, box_regression, t = self._box_heads(features, proposals[0], image_sizes, level_cache, t)
+            boxes, scores, labels = heads.postprocess_detections(class_logits, box_regression, proposals, image_sizes)
         if boxes[0].shape[0] > 0:
             mask_probs, t = self._mask_heads(features, boxes[0], labels[0], image_sizes, level_cache, t)
         else:  # no detections: nothing for the mask head to do (and engines have no 0-RoI profile)
@@ -107,6 +108,28 @@ class Predictor:
                                 labels=labels[0].to(torch.int64).cpu(), mask_probs=mask_probs.float().cpu())
         self._tick("roi_glue", t)
         return detections
+
+    def predict_coco(self, image: np.ndarray, image_id: int, score_thresh: float | None = None) -> list[dict]:
+        """One image -> its COCO results entries: predict, keep detections scoring at least
+        `score_thresh`, then `to_coco`."""
+        det = self.predict(image)
+        keep = None if score_thresh is None else det.scores >= score_thresh
+        return self.to_coco(det, image_id, image.shape[:2], keep)
+
+    def to_coco(self, det: Detections, image_id: int, image_size: tuple[int, int],
+                keep: Tensor | None = None) -> list[dict]:
+        """The one path from detections to COCO entries (infer, tiles, training's validation,
+        bench, the GPU check): the rows selected by `keep` (a bool mask, all when None) through
+        the shared box-local paste + RLE at `image_size`, timed as the "paste_rle" stage. Boxes
+        must already be in that image's frame (tiles shift theirs first)."""
+        t = time.perf_counter()
+        if keep is not None:
+            det = Detections(boxes=det.boxes[keep], scores=det.scores[keep], labels=det.labels[keep],
+                             mask_probs=det.mask_probs[keep])
+        entries = detections_to_coco(image_id, det.boxes, det.scores, det.labels, det.mask_probs,
+                                     image_size, self.spec.category_ids, self.spec.mask_thresh)
+        self.stage_seconds["paste_rle"] += time.perf_counter() - t
+        return entries
 
     # RoIs go through pooling and a head ROI_CHUNK at a time: the heads are per RoI, so results do
     # not depend on it, while memory stays bounded on crowded images (2000 detections' pooled
@@ -150,56 +173,6 @@ class Predictor:
 
 
 # ------------------------------------------------------------------------------------ loading
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise BackendUnavailableError("CUDA is not available (this PyTorch sees no GPU)")
-        return torch.device(device)
-    if device == "cpu":
-        return torch.device("cpu")
-    raise InputError(f"unknown device {device!r} (valid: auto, cpu, cuda)")
-
-
-def read_export_json(folder: Path) -> dict[str, Any]:
-    path = folder / EXPORT_JSON
-    if not path.is_file():
-        raise CheckpointError(f"{folder}: not an export folder ({EXPORT_JSON} missing)")
-    try:
-        info = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{path}: unreadable ({err})") from None
-    if not isinstance(info, dict) or "metadata" not in info or "weights_sha256" not in info:
-        raise CheckpointError(f"{path}: lacks 'metadata' or 'weights_sha256'")
-    return info
-
-
-def onnx_paths(folder: Path, precision: str = "fp32") -> dict[str, Path]:
-    from cellseg.export.onnx_graphs import GRAPH_NAMES
-    suffix = "" if precision == "fp32" else f".{precision}"
-    return {g: folder / f"{g}{suffix}.onnx" for g in GRAPH_NAMES}
-
-
-def engine_paths(folder: Path, precision: str) -> dict[str, Path]:
-    from cellseg.export.onnx_graphs import GRAPH_NAMES
-    return {g: folder / f"{g}.{precision}.engine" for g in GRAPH_NAMES}
-
-
-def artifacts_present(folder: Path) -> dict[str, list[str]]:
-    """Backend name -> precisions whose artifacts are all in the export folder (best first)."""
-    found: dict[str, list[str]] = {}
-    for precision in ("fp16", "fp32"):
-        if all(p.is_file() for p in engine_paths(folder, precision).values()):
-            found.setdefault("trt", []).append(precision)
-    for precision in ("fp32", "fp16"):  # fp32 first: onnxruntime's CPU kernels are fp32
-        if all(p.is_file() for p in onnx_paths(folder, precision).values()):
-            found.setdefault("onnxruntime", []).append(precision)
-    if (folder / CHECKPOINT_COPY).is_file():
-        found["torch"] = ["fp32"]
-    return found
-
-
 def _backend_class(name: str):
     if name == "torch":
         from cellseg.backends.torch_backend import TorchBackend
@@ -229,7 +202,7 @@ def load_predictor(model: str | Path, backend: str | None = None, device: str = 
             raise BackendUnavailableError(f"{backend} backend: {reason}")
     path = Path(model)
     if not path.exists():
-        raise InputError(f"{path}: no such checkpoint or export folder")
+        raise CheckpointError(f"{path}: no such checkpoint or export folder")
     if path.is_file():
         if backend not in (None, "torch"):
             raise InputError(f"{path}: a checkpoint runs only on the torch backend "
@@ -260,8 +233,8 @@ def _torch_predictor(checkpoint: Path, device: torch.device, precision: str | No
     from cellseg.model import model_from_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
-    if expected_hash is not None and weights_hash(ckpt.state_dict) != expected_hash:
-        raise CheckpointError(f"{checkpoint}: weights differ from the export's {EXPORT_JSON} (hash mismatch)")
+    if expected_hash is not None:
+        check_weights_hash(checkpoint, weights_hash(ckpt.state_dict), expected_hash)
     net = model_from_checkpoint(ckpt.state_dict, ckpt.spec, str(checkpoint)).to(device)
     return Predictor(ckpt.spec, net, TorchBackend(net, device, fp16=precision == "fp16"), device)
 

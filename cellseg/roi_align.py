@@ -142,7 +142,7 @@ def pool_rois(pooler: nn.Module, features: "dict[str, Tensor]", boxes: Tensor, i
     channels-last copy (on a 1024 px image the finest level alone is 64 MB to transpose)."""
     if boxes.shape[0] == 0 or not fast_path_applies(pooler, features):
         return pooler(features, [boxes], image_sizes), None
-    from torchvision.ops import poolers as tv_poolers  # private helpers: the pooler's own scale setup
+    from cellseg.tv_compat import setup_pooler_scales  # the pooler's own level setup
 
     names = [k for k in features if k in pooler.featmap_names]
     maps = [features[k] for k in names]
@@ -151,8 +151,7 @@ def pool_rois(pooler: nn.Module, features: "dict[str, Tensor]", boxes: Tensor, i
         if name not in cache:
             cache[name] = _channels_last(features[name])
     if pooler.scales is None or pooler.map_levels is None:
-        pooler.scales, pooler.map_levels = tv_poolers._setup_scales(
-            maps, image_sizes, pooler.canonical_scale, pooler.canonical_level)
+        setup_pooler_scales(pooler, maps, image_sizes)
     boxes = boxes.float()
     if len(maps) == 1:
         levels = torch.zeros(boxes.shape[0], dtype=torch.int64)

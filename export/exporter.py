@@ -1,21 +1,14 @@
-"""`cellseg export`: checkpoint -> export folder.
+"""`cellseg export`: checkpoint -> export folder, in the layout of cellseg.artifacts.
 
-DIR/
-  cellseg.json                 checkpoint metadata, weights sha256, files, verification results
-  model.pt                     copy of the checkpoint (the torch backend runs the folder too)
-  backbone.onnx box_head.onnx mask_head.onnx            FP32 dense graphs (verified)
-  backbone.fp16.onnx ...       with --fp16 (verified within the FP16 tolerance)
-  model.onnx                   end-to-end graph (image -> boxes, labels, scores, 28x28 mask probs)
-  *.{fp32,fp16}.engine + .json with --trt (TensorRT engines and their sidecars)
+The FP32 dense graphs are verified against PyTorch, FP16 ones (--fp16) within the FP16
+tolerance; model.onnx is the end-to-end graph; --trt adds engines and their sidecars.
 
 ONNX files are written into a temporary sibling folder and renamed into place only after every
 graph verified, so a failed export leaves nothing half-written. Engines are built afterwards from
 the verified graphs; when TensorRT or CUDA is missing that step fails alone, ONNX files intact."""
 from __future__ import annotations
 
-import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,20 +21,15 @@ try:
 except ImportError:  # the export stage needs the cpu or gpu extra
     raise BackendUnavailableError("onnx is not installed (pip install 'cellseg[cpu]' or 'cellseg[gpu]')") from None
 
+from cellseg.artifacts import (CHECKPOINT_COPY, END_TO_END_ONNX, EXPORT_FORMAT, EXPORT_JSON, GRAPH_NAMES,
+                               METADATA_KEY, onnx_metadata, onnx_paths)
 from cellseg.export.fp16 import convert_to_fp16
-from cellseg.export.onnx_graphs import GRAPH_NAMES, example_inputs, export_graph, graph_io, graph_modules
+from cellseg.export.onnx_graphs import example_inputs, export_graph
 from cellseg.export.verify import (END_TO_END_MASK_TOLERANCE, END_TO_END_TOLERANCE, FP16_TOLERANCE,
-                                   FP32_TOLERANCE, OnnxRunner, check_graph, summarise, verification_images,
-                                   verification_inputs)
-from cellseg.fileio import atomic_write_json, make_temp_dir
-
-EXPORT_FORMAT = "cellseg-export-v1"
-METADATA_KEY = "cellseg"
-
-
-def onnx_metadata(metadata: dict[str, Any], weights_sha256: str, graph: str, precision: str) -> str:
-    return json.dumps({"metadata": metadata, "weights_sha256": weights_sha256, "graph": graph,
-                       "precision": precision}, sort_keys=True)
+                                   FP32_TOLERANCE, OnnxRunner, check_graph, relative_error, summarise,
+                                   verification_images, verification_inputs)
+from cellseg.fileio import atomic_write_json, ensure_writable_folder, make_temp_dir
+from cellseg.graphs import graph_io, graph_modules
 
 
 def _set_metadata(proto: onnx.ModelProto, text: str) -> onnx.ModelProto:
@@ -59,7 +47,6 @@ def _slim_if_equal(graph: str, proto: onnx.ModelProto, module, cases, outputs) -
         onnx.checker.check_model(slim)
         check_graph(graph, module, OnnxRunner(slim.SerializeToString()), cases, outputs, FP32_TOLERANCE)
         raw_runner, slim_runner = OnnxRunner(proto.SerializeToString()), OnnxRunner(slim.SerializeToString())
-        from cellseg.export.verify import relative_error
         for _, x in cases:
             for a, b in zip(raw_runner(x.numpy()), slim_runner(x.numpy())):
                 if not relative_error(b, a) <= FP32_TOLERANCE:
@@ -101,9 +88,9 @@ def write_onnx_graphs(model, spec, metadata: dict[str, Any], digest: str, folder
                                         FP16_TOLERANCE, max_elements=limit)
             report["fp16"]["runner"] = runner.kind
             _set_metadata(half, onnx_metadata(metadata, digest, graph, "fp16"))
-            onnx.save(half, str(folder / f"{graph}.fp16.onnx"))
+            onnx.save(half, str(onnx_paths(folder, "fp16")[graph]))
         _set_metadata(proto, onnx_metadata(metadata, digest, graph, "fp32"))
-        onnx.save(proto, str(folder / f"{graph}.onnx"))
+        onnx.save(proto, str(onnx_paths(folder, "fp32")[graph]))
     report["fp32"] = {"tolerance": FP32_TOLERANCE, "graphs": summarise(fp32_results)}
     if fp16:
         report["fp16"].update({"tolerance": FP16_TOLERANCE, "graphs": summarise(fp16_results)})
@@ -116,7 +103,7 @@ def write_onnx_graphs(model, spec, metadata: dict[str, Any], digest: str, folder
 def write_end_to_end(model, spec, metadata: dict[str, Any], digest: str, folder: Path, opset: int) -> dict[str, Any]:
     from cellseg.export.end_to_end import export_end_to_end, verify_end_to_end
 
-    path = folder / "model.onnx"
+    path = folder / END_TO_END_ONNX
     d = spec.size_divisible
     export_end_to_end(model, path, opset, example_hw=(3 * d + 5, 4 * d - 3))
     proto = onnx.load(str(path))
@@ -133,14 +120,14 @@ def _prepare_out(out: Path, force: bool) -> None:
         raise OutputExistsError(f"{out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise OutputExistsError(f"{out}: already exists (pass --force to overwrite)")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    ensure_writable_folder(out.parent)  # before the export's minutes of work, not after
 
 
 def _replace_folder(tmp: Path, out: Path) -> None:
     """Move the finished temporary folder onto `out` (the old one goes only after the new is in)."""
     old = None
     if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+        old = make_temp_dir(out.parent, f".{out.name}.old.")  # a killed run's leftover is cleaned
         old.rmdir()
         out.rename(old)
     tmp.rename(out)
@@ -171,13 +158,13 @@ def export_model(checkpoint: str | Path, out_dir: str | Path, onnx: bool = True,
             try:
                 report = write_onnx_graphs(model, ckpt.spec, ckpt.metadata, digest, tmp, opset, fp16)
                 report["end_to_end"] = write_end_to_end(model, ckpt.spec, ckpt.metadata, digest, tmp, opset)
-                shutil.copy2(checkpoint, tmp / "model.pt")
+                shutil.copy2(checkpoint, tmp / CHECKPOINT_COPY)
+                precisions = ("fp32", "fp16") if fp16 else ("fp32",)
                 info = {"format": EXPORT_FORMAT, "metadata": ckpt.metadata, "weights_sha256": digest,
-                        "source_checkpoint": str(checkpoint), "checkpoint": "model.pt", "opset": opset,
-                        "graphs": {"fp32": {g: f"{g}.onnx" for g in GRAPH_NAMES},
-                                   **({"fp16": {g: f"{g}.fp16.onnx" for g in GRAPH_NAMES}} if fp16 else {})},
-                        "end_to_end": "model.onnx", "verification": report, "engines": {}}
-                atomic_write_json(tmp / "cellseg.json", info, indent=1)
+                        "source_checkpoint": str(checkpoint), "checkpoint": CHECKPOINT_COPY, "opset": opset,
+                        "graphs": {p: {g: f.name for g, f in onnx_paths(tmp, p).items()} for p in precisions},
+                        "end_to_end": END_TO_END_ONNX, "verification": report, "engines": {}}
+                atomic_write_json(tmp / EXPORT_JSON, info, indent=1)
                 _replace_folder(tmp, out)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -185,7 +172,6 @@ def export_model(checkpoint: str | Path, out_dir: str | Path, onnx: bool = True,
         finally:
             torch.set_grad_enabled(True)
     if trt:
-        from cellseg.errors import BackendUnavailableError
         from cellseg.export.tensorrt_build import build_engines
 
         try:

@@ -9,38 +9,24 @@
 - One optimisation profile per engine: images min/opt/max side (padded to size_divisible), RoIs
   1/opt/max for the heads (the backend splits larger RoI batches).
 - A timing cache (DIR/timing.trt<version>.sm<cc>.cache) shared by the builds, the workspace memory-pool limit.
-- A sidecar JSON per engine: TensorRT version, GPU name and compute capability, precision,
-  profiles, weights hash; the trt backend checks it before deserialising.
+- A sidecar JSON per engine (cellseg.artifacts' SIDECAR_FORMAT): TensorRT version, GPU name and
+  compute capability, precision, profiles, weights hash; the trt backend checks it before
+  deserialising.
 Not run on a GPU in this repository's CI: written to the TensorRT 10 / 11 Python API docs."""
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from cellseg.artifacts import (BACKBONE_INPUT, BOX_HEAD_INPUT, EXPORT_JSON, GRAPH_NAMES, MASK_HEAD_INPUT,
+                               SIDECAR_FORMAT, Profile, engine_paths, gpu_identity, onnx_paths, read_export_json,
+                               sidecar_path)
 from cellseg.errors import BackendUnavailableError, CheckpointError, InputError, OutputExistsError
 from cellseg.fileio import atomic_write_bytes, atomic_write_json
 
-GRAPHS = ("backbone", "box_head", "mask_head")
 DEFAULT_WORKSPACE_BYTES = 4 << 30
-SIDECAR_FORMAT = "cellseg-trt-engine-v1"
-
-
-@dataclass(frozen=True)
-class Profile:
-    input: str
-    min: tuple[int, ...]
-    opt: tuple[int, ...]
-    max: tuple[int, ...]
-
-    def contains(self, shape: tuple[int, ...]) -> bool:
-        return len(shape) == len(self.min) and all(lo <= s <= hi for s, lo, hi in zip(shape, self.min, self.max))
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Profile":
-        return cls(str(d["input"]), tuple(d["min"]), tuple(d["opt"]), tuple(d["max"]))
 
 
 @dataclass(frozen=True)
@@ -99,30 +85,12 @@ def engine_profiles(spec, channels: int, box_pool: int, mask_pool: int, min_size
     box_opt = max(1, min(rois, spec.rpn_post_nms_top_n_test))
     mask_opt = max(1, min(rois, max(1, spec.box_detections_per_img // 4)))
     return {
-        "backbone": Profile("images", (1, 3, lo, lo), (1, 3, mid, mid), (max_batch, 3, hi, hi)),
-        "box_head": Profile("box_features", (1, channels, box_pool, box_pool),
+        "backbone": Profile(BACKBONE_INPUT, (1, 3, lo, lo), (1, 3, mid, mid), (max_batch, 3, hi, hi)),
+        "box_head": Profile(BOX_HEAD_INPUT, (1, channels, box_pool, box_pool),
                             (box_opt, channels, box_pool, box_pool), (rois, channels, box_pool, box_pool)),
-        "mask_head": Profile("mask_features", (1, channels, mask_pool, mask_pool),
+        "mask_head": Profile(MASK_HEAD_INPUT, (1, channels, mask_pool, mask_pool),
                              (mask_opt, channels, mask_pool, mask_pool), (rois, channels, mask_pool, mask_pool)),
     }
-
-
-def select_profile(profiles: list[Profile], shape: tuple[int, ...], what: str) -> int:
-    """Index of the first profile that admits `shape`; InputError (one line) when none does."""
-    for i, p in enumerate(profiles):
-        if p.contains(tuple(shape)):
-            return i
-    ranges = "; ".join(f"{p.input} {list(p.min)}..{list(p.max)}" for p in profiles)
-    raise InputError(f"{what}: input shape {list(shape)} is outside the engine's optimisation profile ({ranges}); "
-                     f"re-export with --min-size/--max-size covering it")
-
-
-def gpu_identity() -> tuple[str, tuple[int, int]]:
-    import torch
-
-    if not torch.cuda.is_available():
-        raise BackendUnavailableError("CUDA is not available (TensorRT needs an NVIDIA GPU)")
-    return torch.cuda.get_device_name(), tuple(torch.cuda.get_device_capability())
 
 
 def require_tensorrt() -> ModuleType:
@@ -131,33 +99,6 @@ def require_tensorrt() -> ModuleType:
     except ImportError:
         raise BackendUnavailableError("tensorrt is not installed (pip install tensorrt; needs CUDA)") from None
     return tensorrt
-
-
-def check_sidecar(sidecar: dict[str, Any], path: Path, trt_version: str, gpu_name: str,
-                  capability: tuple[int, int], expected_hash: str | None) -> None:
-    """Refuse an engine built by another TensorRT, for another GPU, or from other weights."""
-    if sidecar.get("format") != SIDECAR_FORMAT:
-        raise CheckpointError(f"{path}: not a cellseg engine sidecar")
-    if str(sidecar.get("tensorrt_version")) != str(trt_version):
-        raise CheckpointError(f"{path}: engine built with TensorRT {sidecar.get('tensorrt_version')}, "
-                              f"running {trt_version}; rebuild it (cellseg export --trt)")
-    if tuple(sidecar.get("compute_capability", ())) != tuple(capability):
-        raise CheckpointError(f"{path}: engine built for compute capability {sidecar.get('compute_capability')} "
-                              f"({sidecar.get('gpu_name')}), this GPU is {list(capability)} ({gpu_name}); rebuild it")
-    if expected_hash is not None and sidecar.get("weights_sha256") != expected_hash:
-        raise CheckpointError(f"{path}: engine weights hash differs from the export's cellseg.json")
-
-
-def read_sidecar(engine_path: Path) -> dict[str, Any]:
-    path = sidecar_path(engine_path)
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{path}: engine sidecar unreadable ({type(err).__name__})") from None
-
-
-def sidecar_path(engine_path: Path) -> Path:
-    return engine_path.with_suffix(".json")
 
 
 def build_engine(trt: ModuleType, onnx_path: Path, profile: Profile, plan: BuilderPlan, timing_cache: Path,
@@ -194,49 +135,65 @@ def build_engines(folder: Path, spec, weights_sha256: str, fp16: bool = False, m
                   gpu: tuple[str, tuple[int, int]] | None = None) -> dict[str, Any]:
     """Build backbone/box_head/mask_head engines (FP32, and FP16 with `fp16`) next to their ONNX
     graphs in `folder`; record them in cellseg.json. `trt`/`gpu` are injectable for tests."""
-    import onnx
-
     folder = Path(folder)
     trt = trt or require_tensorrt()
     gpu_name, capability = gpu or gpu_identity()
-    info_path = folder / "cellseg.json"
-    if not info_path.is_file():
-        raise CheckpointError(f"{folder}: no cellseg.json (export the ONNX graphs first: --onnx)")
-    info = json.loads(info_path.read_text())
-    if info.get("weights_sha256") != weights_sha256:
-        raise CheckpointError(f"{info_path}: graphs come from other weights than this checkpoint")
+    info = _export_info(folder, weights_sha256)
     precisions = ["fp32"] + (["fp16"] if fp16 else [])
-    onnx_files = {p: {g: folder / (f"{g}.onnx" if p == "fp32" else f"{g}.{p}.onnx") for g in GRAPHS}
-                  for p in precisions}
-    missing = [str(f) for files in onnx_files.values() for f in files.values() if not f.is_file()]
-    if missing:
-        raise CheckpointError(f"{missing[0]}: ONNX graph missing (export with --onnx{' --fp16' if fp16 else ''})")
-    backbone = onnx.load(str(onnx_files["fp32"]["backbone"]), load_external_data=False)
-    channels = _static_dim(backbone, 1)
-    box_pool, mask_pool = _pool_side(folder / "box_head.onnx"), _pool_side(folder / "mask_head.onnx")
-    profiles = engine_profiles(spec, channels, box_pool, mask_pool, min_size, opt_size, max_size, max_rois)
+    _require_graphs(folder, precisions)
+    profiles = _profiles_from_graphs(folder, spec, min_size, opt_size, max_size, max_rois)
     engines: dict[str, Any] = dict(info.get("engines") or {})
     # A timing cache is only valid for one TensorRT version and GPU: one file per pair.
     cache_path = folder / f"timing.trt{trt.__version__}.sm{capability[0]}{capability[1]}.cache"
     for precision in precisions:
         plan = builder_plan(trt, precision)
-        for graph in GRAPHS:
-            engine_path = folder / f"{graph}.{precision}.engine"
+        sources, targets = onnx_paths(folder, precision), engine_paths(folder, precision)
+        for graph in GRAPH_NAMES:
+            engine_path = targets[graph]
             if engine_path.exists() and not force:
                 raise OutputExistsError(f"{engine_path}: already exists (pass --force to overwrite)")
-            data = build_engine(trt, onnx_files[precision][graph], profiles[graph], plan, cache_path, workspace_bytes)
+            data = build_engine(trt, sources[graph], profiles[graph], plan, cache_path, workspace_bytes)
             sidecar = {"format": SIDECAR_FORMAT, "graph": graph, "precision": precision,
-                       "onnx": onnx_files[precision][graph].name, "tensorrt_version": str(trt.__version__),
+                       "onnx": sources[graph].name, "tensorrt_version": str(trt.__version__),
                        "gpu_name": gpu_name, "compute_capability": list(capability),
-                       "profiles": [{k: list(v) if isinstance(v, tuple) else v for k, v in asdict(profiles[graph]).items()}],
+                       "profiles": [profiles[graph].to_dict()],
                        "network_flags": list(plan.network_flag_names), "cleared_builder_flags": list(plan.clear_flags),
                        "workspace_bytes": int(workspace_bytes), "weights_sha256": weights_sha256}
             atomic_write_bytes(engine_path, data)
             atomic_write_json(sidecar_path(engine_path), sidecar, indent=1)
             engines[f"{graph}.{precision}"] = {"engine": engine_path.name, "sidecar": sidecar_path(engine_path).name}
     info["engines"] = engines
-    atomic_write_json(info_path, info, indent=1)
+    atomic_write_json(folder / EXPORT_JSON, info, indent=1)
     return engines
+
+
+def _export_info(folder: Path, weights_sha256: str) -> dict[str, Any]:
+    """The folder's cellseg.json, refused when it records other weights than the checkpoint's."""
+    if not (folder / EXPORT_JSON).is_file():
+        raise CheckpointError(f"{folder}: no {EXPORT_JSON} (export the ONNX graphs first: --onnx)")
+    info = read_export_json(folder)
+    if info.get("weights_sha256") != weights_sha256:
+        raise CheckpointError(f"{folder / EXPORT_JSON}: graphs come from other weights than this checkpoint")
+    return info
+
+
+def _require_graphs(folder: Path, precisions: list[str]) -> None:
+    missing = [f for p in precisions for f in onnx_paths(folder, p).values() if not f.is_file()]
+    if missing:
+        fp16 = " --fp16" if "fp16" in precisions else ""
+        raise CheckpointError(f"{missing[0]}: ONNX graph missing (export with --onnx{fp16})")
+
+
+def _profiles_from_graphs(folder: Path, spec, min_size: int, opt_size: int, max_size: int,
+                          max_rois: int) -> dict[str, Profile]:
+    """Engine profiles sized from the FP32 graphs' static channel count and pool sides."""
+    import onnx
+
+    graphs = onnx_paths(folder, "fp32")
+    backbone = onnx.load(str(graphs["backbone"]), load_external_data=False)
+    channels = _static_dim(backbone, 1)
+    box_pool, mask_pool = _pool_side(graphs["box_head"]), _pool_side(graphs["mask_head"])
+    return engine_profiles(spec, channels, box_pool, mask_pool, min_size, opt_size, max_size, max_rois)
 
 
 def _static_dim(proto, axis: int, output: int = 0) -> int:

@@ -18,7 +18,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from cellseg.backends.torch_backend import TorchBackend
 from cellseg.errors import VerificationError
+from cellseg.pipeline import Predictor
 
 FP32_TOLERANCE = 1e-4
 FP16_TOLERANCE = 3e-2
@@ -88,9 +90,6 @@ class _RecordingBackend:
 
 def verification_inputs(model: nn.Module, spec) -> dict[str, list[tuple[str, Tensor]]]:
     """graph -> [(case name, input tensor)], from real pipeline runs plus random RoI batches."""
-    from cellseg.backends.torch_backend import TorchBackend
-    from cellseg.pipeline import Predictor
-
     recorder = _RecordingBackend(TorchBackend(model, torch.device("cpu")))
     predictor = Predictor(spec, model, recorder, torch.device("cpu"))
     cases: dict[str, list[tuple[str, Tensor]]] = {"backbone": [], "box_head": [], "mask_head": []}

@@ -1,4 +1,6 @@
-"""Small builders shared by the test modules (imported as `helpers`: pytest puts tests/ on sys.path)."""
+"""Small builders shared by the test modules (imported as `helpers`: pytest puts tests/ on sys.path).
+conftest.py turns them into session fixtures (tiny_checkpoint, tiny_export, ...); call them directly
+only for a model that differs from those."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -12,18 +12,14 @@ import pytest
 import torch
 
 from cellseg.errors import CheckpointError, InputError
-from helpers import save_tiny_checkpoint, tiny_spec
 
 torch.set_num_threads(1)
 
 
-@pytest.fixture(scope="module")
-def export_dir(tmp_path_factory) -> Path:
-    from cellseg.export.exporter import export_model
-
-    root = tmp_path_factory.mktemp("backends")
-    ckpt = save_tiny_checkpoint(root / "tiny.pt", tiny_spec())
-    return export_model(ckpt, root / "out", fp16=True)
+@pytest.fixture
+def export_dir(tiny_export) -> Path:
+    """conftest's session export (FP32 + FP16 graphs, model.pt); tests that change it copy it first."""
+    return tiny_export
 
 
 def assert_same_detections(a, b, box_atol: float, score_atol: float, mask_atol: float) -> None:
@@ -105,7 +101,8 @@ def test_onnx_without_metadata_is_refused(export_dir, tmp_path):
 
 
 def test_backend_choice_follows_artifacts(export_dir, tmp_path):
-    from cellseg.pipeline import artifacts_present, load_predictor
+    from cellseg.artifacts import artifacts_present
+    from cellseg.pipeline import load_predictor
 
     folder = tmp_path / "onnx_only"
     shutil.copytree(export_dir, folder)
@@ -135,3 +132,81 @@ def test_physical_cores_positive():
     from cellseg.backends.onnxruntime_backend import physical_cores
 
     assert physical_cores() >= 1
+
+
+# ------------------------------------------------------------------ damaged artifacts
+def damage(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "empty":
+        path.write_bytes(b"")
+    elif how == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    else:
+        path.write_bytes(b"this is not an ONNX graph\n" * 40)
+
+
+DAMAGES = [("empty", "box_head.onnx", "empty file"), ("truncated", "backbone.onnx", "corrupt or truncated"),
+           ("garbage", "mask_head.onnx", "corrupt or truncated")]
+
+
+@pytest.mark.parametrize("how, name, words", DAMAGES)
+def test_damaged_onnx_graph_is_a_one_line_checkpoint_error(export_copy, how, name, words):
+    from cellseg.pipeline import load_predictor
+
+    damage(export_copy / name, how)
+    with pytest.raises(CheckpointError) as err:
+        load_predictor(export_copy, backend="onnxruntime", device="cpu")
+    message = str(err.value)
+    assert message.startswith(str(export_copy / name)) and words in message
+    assert "\n" not in message and "ONNXRuntimeError" not in message
+
+
+def test_graph_file_holding_another_graph_is_refused(export_copy):
+    from cellseg.pipeline import load_predictor
+
+    shutil.copy2(export_copy / "mask_head.onnx", export_copy / "box_head.onnx")
+    with pytest.raises(CheckpointError, match="box_head.onnx: holds the mask_head graph, not the box_head graph"):
+        load_predictor(export_copy, backend="onnxruntime", device="cpu")
+
+
+def write_test_image(folder: Path) -> Path:
+    import tifffile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "cells.tif"
+    tifffile.imwrite(path, (np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8))
+    return path
+
+
+@pytest.mark.parametrize("how, name, words", DAMAGES)
+def test_infer_cli_on_damaged_onnx_exits_3_in_one_line(export_copy, tmp_path, how, name, words):
+    from typer.testing import CliRunner
+
+    from cellseg.cli import app
+
+    damage(export_copy / name, how)
+    image = write_test_image(tmp_path / "images")
+    out = tmp_path / "results.json"
+    res = CliRunner().invoke(app, ["infer", str(export_copy), str(image), "--out", str(out), "--quiet",
+                                   "--device", "cpu"])
+    assert res.exit_code == 3, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("cellseg: error:") and name in lines[0] and words in lines[0]
+    assert not out.exists()
+
+
+def test_bench_cli_on_damaged_onnx_exits_3_naming_the_file(export_copy, tmp_path):
+    """The broken row is reported (the reference row still runs) and the run ends in one error line."""
+    from typer.testing import CliRunner
+
+    from cellseg.cli import app
+    from cellseg.data.synth import synthesize
+
+    damage(export_copy / "backbone.onnx", "truncated")
+    data = synthesize(tmp_path / "data", n_train=1, n_test=1, seed=0, size=64)
+    res = CliRunner().invoke(app, ["bench", str(export_copy), "--data", str(data), "--backends", "onnxruntime",
+                                   "--device", "cpu", "--warmup", "0", "--iters", "1"])
+    assert res.exit_code == 3 and isinstance(res.exception, SystemExit), res.output
+    last = [ln for ln in res.output.splitlines() if ln.strip()][-1]
+    assert last.startswith("cellseg: error:") and "backbone.onnx" in last and "corrupt or truncated" in last
+    assert "Traceback" not in res.output and "ONNXRuntimeError" not in res.output

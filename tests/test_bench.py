@@ -16,7 +16,7 @@ from rich.console import Console
 
 from cellseg.bench.harness import (check_out_dir, load_bench_data, parity_failures, parity_figures,
                                    replace_dir_atomically, run_bench)
-from cellseg.errors import InputError, OutputExistsError
+from cellseg.errors import CheckpointError, InputError, OutputExistsError
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,7 @@ def test_run_bench_tiny_model_writes_report(tiny):
         run_bench(tiny["model"], tiny["data"], ["torch"], out=out, progress=False, console=_quiet())
     (out / "stale.txt").write_text("old")
     run_bench(tiny["model"], tiny["data"], ["torch"], device="cpu", warmup=0, iters=1, out=out,
-              force=True, reference=False, progress=False, console=_quiet())
+              force=True, reference=False, progress=False, console=_quiet(), isolate=False)
     assert sorted(p.name for p in out.iterdir()) == ["latency.png", "report.json", "report.md"]
     assert [r["name"] for r in json.loads((out / "report.json").read_text())["rows"]] == ["torch"]
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".report.")]
@@ -100,6 +100,7 @@ def test_run_bench_tiny_model_writes_report(tiny):
 
 def test_run_bench_fails_when_a_backend_disagrees(tiny, monkeypatch):
     """A backend that loses detections fails the parity gate (the CLI then exits non-zero)."""
+    import cellseg.bench.harness as harness
     import cellseg.pipeline as pipeline
 
     real = pipeline.load_predictor
@@ -120,8 +121,11 @@ def test_run_bench_fails_when_a_backend_disagrees(tiny, monkeypatch):
         return predictor
 
     monkeypatch.setattr(pipeline, "load_predictor", load_predictor)
+    # The stand-in runs from a checkpoint, which the plan would skip for onnxruntime; the rows run
+    # in this process so that the patched loader is the one they call.
+    monkeypatch.setattr(harness, "backend_unavailable", lambda model, backend: None)
     report = run_bench(tiny["model"], tiny["data"], ["torch", "onnxruntime"], device="cpu", warmup=0,
-                       iters=1, reference=False, progress=False, console=_quiet())
+                       iters=1, reference=False, progress=False, console=_quiet(), isolate=False)
     rows = {r["name"]: r for r in report["rows"]}
     assert rows["onnxruntime"]["parity"]["matched_share"] == pytest.approx(0.5, abs=0.05)
     assert any(f.startswith("onnxruntime: only") and "matched" in f for f in report["failures"])
@@ -133,7 +137,7 @@ def test_run_bench_rejects_bad_arguments(tiny):
         run_bench(tiny["model"], tiny["data"], ["tensorflow"], progress=False, console=_quiet())
     with pytest.raises(InputError, match="iters"):
         run_bench(tiny["model"], tiny["data"], ["torch"], iters=0, progress=False, console=_quiet())
-    with pytest.raises(InputError, match="no such"):
+    with pytest.raises(CheckpointError, match="no such"):  # exit 3, like an unreadable checkpoint
         run_bench(tiny["root"] / "missing.pt", tiny["data"], ["torch"], progress=False, console=_quiet())
 
 
@@ -214,8 +218,8 @@ def test_bench_data_from_coco_json_with_images_folder(tiny, tmp_path):
 
 
 def test_artifact_files_of_an_export_folder(tmp_path):
-    from cellseg.bench.harness import artifact_files
-    from cellseg.pipeline import CHECKPOINT_COPY, onnx_paths
+    from cellseg.bench.rows import artifact_files
+    from cellseg.artifacts import CHECKPOINT_COPY, onnx_paths
 
     for p in onnx_paths(tmp_path, "fp32").values():
         p.write_bytes(b"x" * 10)
@@ -237,3 +241,189 @@ def test_reference_row_skipped_without_checkpoint(tiny, tmp_path):
     assert reference_checkpoint(tiny["model"]) == tiny["model"]
     with pytest.raises(BackendUnavailableError, match="model.pt missing"):
         reference_checkpoint(tmp_path)
+
+
+# ------------------------------------------------------------------------------ faults and exits
+def _bench_cli(*args: object):
+    from typer.testing import CliRunner
+
+    from cellseg.cli import app
+
+    return CliRunner().invoke(app, ["bench", *map(str, args)])
+
+
+def _last_line(output: str) -> str:
+    lines = [ln for ln in output.strip().splitlines() if ln.strip()]
+    assert lines, "no output"
+    return lines[-1]
+
+
+def test_cli_killed_row_is_reported_the_others_measured_exit_6(tiny, monkeypatch):
+    """The kernel's OOM killer sends SIGKILL: the row's process dies, the run goes on, the
+    report is written, and the command ends with one line and exit code 6."""
+    from cellseg.bench.rows import FAULT_ENV
+
+    monkeypatch.setenv(FAULT_ENV, "reference:kill")
+    out = tiny["root"] / "killed"
+    result = _bench_cli(tiny["model"], "--data", tiny["data"], "--backends", "torch,trt", "--device", "cpu",
+                        "--warmup", "0", "--iters", "1", "--out", out)
+    assert result.exit_code == 6, result.output
+    assert _last_line(result.output).startswith("cellseg: error: bench: 1 failure: reference: out of memory: ")
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["rows_in"] == "one process per row"
+    assert [r["name"] for r in report["rows"]] == ["torch"] and report["rows"][0]["instances"] > 0
+    assert report["rows"][0]["timed_runs"] == 2 and report["rows"][0]["peak_rss_mb"] > 0
+    [failed] = report["failed_rows"]
+    assert failed["row"] == "reference" and failed["reason"].startswith("out of memory:")
+    assert "SIGKILL" in failed["reason"] and report["failures"] == [f"reference: {failed['reason']}"]
+    assert "- reference: out of memory:" in (out / "report.md").read_text()
+    # A backend that is simply not installed here is skipped, not a failure.
+    assert [s["backend"] for s in report["skipped"]] == (["trt"] if not torch.cuda.is_available() else [])
+
+
+def test_row_process_hands_back_a_failure_it_raised(tiny, tmp_path):
+    """What a row's process writes when the row raises (run here in-process: the same code)."""
+    import pickle
+
+    from cellseg.bench.rows import FAULT_ENV, RowFailure, RowPlan, _row_process
+
+    class Counter:
+        value = 0
+
+    result = tmp_path / "torch.pickle"
+    row = RowPlan("torch", "backend", tiny["model"], "cpu", backend="torch", fault="raise")
+    _row_process(row, load_bench_data(tiny["data"]), 0, 1, str(result), Counter())
+    outcome = pickle.loads(result.read_bytes())
+    assert isinstance(outcome, RowFailure) and outcome.status == "failed"
+    assert outcome.reason == f"crashed: RuntimeError: fault injected by {FAULT_ENV}"
+    assert [p.name for p in tmp_path.iterdir()] == ["torch.pickle"]  # no temporary file left
+
+
+def test_a_row_that_raises_in_process_is_reported(tiny, monkeypatch):
+    from cellseg.bench.rows import FAULT_ENV
+
+    monkeypatch.setenv(FAULT_ENV, "torch:raise")
+    report = run_bench(tiny["model"], tiny["data"], ["torch"], device="cpu", warmup=0, iters=1,
+                       progress=False, console=_quiet(), isolate=False)
+    assert [r["name"] for r in report["rows"]] == ["reference"]
+    assert report["failed_rows"] == [{"row": "torch", "reason": f"crashed: RuntimeError: fault injected by {FAULT_ENV}",
+                                      "error": None}]
+    # Without torch the reference is the parity baseline; it has no parity of its own.
+    assert report["parity_baseline"] == "reference" and report["rows"][0]["parity"] is None
+
+
+@pytest.mark.parametrize("content", [b"", b"\x80\x02 not a checkpoint at all", None])
+def test_cli_unreadable_model_exits_3_with_a_reason(tiny, tmp_path, content):
+    if content is None:  # truncated: the first half of a real checkpoint
+        data = tiny["model"].read_bytes()
+        content = data[: len(data) // 2]
+    model = tmp_path / "bad.pt"
+    model.write_bytes(content)
+    result = _bench_cli(model, "--data", tiny["data"], "--backends", "torch", "--device", "cpu")
+    assert result.exit_code == 3, result.output
+    line = _last_line(result.output)
+    assert line.startswith("cellseg: error: ") and str(model) in line and len(line) > len("cellseg: error: ") + len(str(model))
+    assert not list(tmp_path.glob("*report*"))
+
+
+def test_cli_export_folder_without_cellseg_json_exits_3(tiny, tmp_path):
+    result = _bench_cli(tmp_path, "--data", tiny["data"], "--backends", "torch", "--device", "cpu")
+    assert result.exit_code == 3, result.output
+    assert "cellseg.json" in _last_line(result.output)
+
+
+def test_cli_only_unavailable_backends_exit_with_their_reason(tiny):
+    from cellseg.pipeline import _backend_class
+
+    trt_ok, _ = _backend_class("trt").is_available()
+    if not trt_ok:  # asked only for a backend whose runtime is missing: 5, its reason
+        result = _bench_cli(tiny["model"], "--data", tiny["data"], "--backends", "trt", "--device", "cpu")
+        assert result.exit_code == 5, result.output
+        assert "no requested backend can run here: trt backend: " in _last_line(result.output)
+    # A checkpoint holds nothing onnxruntime can run: bad input (2), said in one line.
+    result = _bench_cli(tiny["model"], "--data", tiny["data"], "--backends", "onnxruntime", "--device", "cpu")
+    assert result.exit_code == 2, result.output
+    assert "runs only on the torch backend" in _last_line(result.output)
+    if not torch.cuda.is_available():
+        result = _bench_cli(tiny["model"], "--data", tiny["data"], "--backends", "torch", "--device", "cuda")
+        assert result.exit_code == 5 and "CUDA is not available" in _last_line(result.output)
+
+
+def test_failure_error_picks_the_class_of_what_went_wrong():
+    from cellseg.bench.harness import failure_error
+    from cellseg.errors import BackendUnavailableError, CheckpointError, VerificationError
+
+    torch_row = {"name": "torch", "kind": "backend"}
+    assert failure_error({"failures": [], "rows": [torch_row]}) is None
+    gate = failure_error({"failures": ["a: x", "b: y"], "rows": [torch_row], "failed_rows": []})
+    assert isinstance(gate, VerificationError)
+    assert str(gate) == "bench: 2 failures: a: x (and 1 more, listed above and in the report)"
+    corrupt = failure_error({"failures": ["onnxruntime: bad graph"], "rows": [torch_row],
+                             "failed_rows": [{"row": "onnxruntime", "reason": "bad graph", "error": "CheckpointError"}]})
+    assert isinstance(corrupt, CheckpointError)
+    none_ran = failure_error({"failures": ["no backend ran: trt: x"], "rows": [], "failed_rows": [],
+                              "skipped": [{"backend": "trt", "reason": "x", "error": "BackendUnavailableError"}]})
+    assert isinstance(none_ran, BackendUnavailableError)
+
+
+def test_death_reasons_name_the_signal():
+    import signal
+
+    from cellseg.bench.rows import _death_reason
+
+    assert _death_reason(-signal.SIGKILL).startswith("out of memory: the row's process was killed by SIGKILL")
+    assert _death_reason(-signal.SIGSEGV) == "crashed: the row's process was killed by SIGSEGV"
+    assert _death_reason(3) == "crashed: the row's process exited with code 3 without a result"
+
+
+def test_reference_pastes_in_chunks_exactly_as_torchvision_pastes_all(tiny, monkeypatch):
+    """The reference row bounds its memory by pasting PASTE_CHUNK masks at a time; the RLEs are
+    those of the seed's eager model([image]) with every mask pasted at once."""
+    import cellseg.bench.reference as reference
+    from cellseg.checkpoint import load_checkpoint
+    from cellseg.data.images import read_image
+    from cellseg.model import model_from_checkpoint
+
+    monkeypatch.setattr(reference, "PASTE_CHUNK", 3)
+    image = read_image(tiny["data"] / "train" / "sample0" / "image.tif")
+    pipe = reference.ReferencePipeline(tiny["model"], torch.device("cpu"))
+    chunked = pipe.predict_coco(image, 7)
+    ckpt = load_checkpoint(tiny["model"])
+    seed = model_from_checkpoint(ckpt.state_dict, ckpt.spec).eval()
+    with torch.no_grad():
+        out = seed([torch.from_numpy(image).permute(2, 0, 1).float()])[0]
+    masks = (out["masks"] > ckpt.spec.mask_thresh).numpy()
+    assert len(chunked) == len(masks) > 3  # more than one chunk
+    assert [e["segmentation"] for e in chunked] == [_rle(m[0]) for m in masks]
+    assert [e["score"] for e in chunked] == out["scores"].tolist()
+    assert pipe.stage_seconds["paste"] > 0 and pipe.stage_seconds["threshold_rle"] > 0
+
+
+def test_report_names_the_cpu_isa():
+    from cellseg.bench.core import cpu_isa, environment_info
+    from cellseg.bench.report import machine_line
+
+    flags = "flags\t\t: fpu sse avx2 avx512f avx512_vnni amx_tile avx_vnni\nflags : none\n"
+    assert cpu_isa(flags) == ["AVX2", "AVX-512", "AVX-512 VNNI", "AVX-VNNI", "AMX"]
+    assert cpu_isa("flags : sse4_2 avx2 fma\n") == ["AVX2"] and cpu_isa("") == []
+    env = environment_info()
+    assert isinstance(env["cpu_isa"], list)
+    assert "(ISA: " in machine_line(env)
+    assert machine_line({"cpu_model": "Xeon", "cpu_isa": ["AVX2", "AVX-512"]}).startswith("Xeon (ISA: AVX2, AVX-512)")
+
+
+@pytest.mark.parametrize("raised, reason", [
+    (MemoryError(), "out of memory: MemoryError"),
+    (RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 18 GB"),
+     "out of memory: RuntimeError: DefaultCPUAllocator: not enough memory: you tried to allocate 18 GB"),
+    (ValueError("bad\nsecond line"), "crashed: ValueError: bad"),
+])
+def test_attempt_row_says_why_a_row_stopped(monkeypatch, raised, reason):
+    import cellseg.bench.rows as rows
+
+    def measure_row(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(rows, "measure_row", measure_row)
+    outcome = rows.attempt_row(rows.RowPlan("torch", "backend", Path("m.pt"), "cpu", "torch"), None, 0, 1)
+    assert isinstance(outcome, rows.RowFailure) and (outcome.status, outcome.reason) == ("failed", reason)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cellseg.errors import BackendUnavailableError, OutputExistsError, VerificationError
-from helpers import save_tiny_checkpoint, tiny_spec
+from helpers import tiny_spec
 
 torch.set_num_threads(1)
 
@@ -29,22 +29,19 @@ TENSORRT_NATIVE_OPS = frozenset({
     "ReduceMin", "ReduceSum", "Relu", "Reshape", "Resize", "Shape", "Sigmoid", "Slice", "Softmax", "Split",
     "Sqrt", "Squeeze", "Sub", "Tanh", "Tile", "Transpose", "Unsqueeze", "Where",
 })
-# Dynamic / data-dependent ops the design keeps out of the engines (issue 7): TensorRT rejects or
-# restricts them (If with different-rank branches, growing Loop outputs, TopK K >= 3840, ...).
+# Dynamic / data-dependent ops the dense graphs must not contain (they stay in torchvision's code,
+# run by the pipeline): TensorRT rejects or restricts them (If with different-rank branches, growing
+# Loop outputs, TopK K >= 3840, ...).
 FORBIDDEN_OPS = frozenset({"Loop", "If", "NonZero", "NonMaxSuppression", "RoiAlign", "TopK"})
 # Resize modes the parser supports (operators.md, Resize row).
 TRT_RESIZE_MODES = {"nearest", "linear"}
 TRT_RESIZE_TRANSFORMS = {"half_pixel", "pytorch_half_pixel", "tf_half_pixel_for_nn", "asymmetric", "align_corners"}
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory) -> tuple[Path, Path]:
-    from cellseg.export.exporter import export_model
-
-    root = tmp_path_factory.mktemp("export")
-    ckpt = save_tiny_checkpoint(root / "tiny.pt", tiny_spec())
-    out = export_model(ckpt, root / "out", fp16=True)
-    return ckpt, out
+@pytest.fixture
+def exported(tiny_checkpoint, tiny_export) -> tuple[Path, Path]:
+    """(checkpoint, its export folder): conftest's session export, written with fp16=True."""
+    return tiny_checkpoint, tiny_export
 
 
 def test_export_writes_every_file_with_metadata(exported):
@@ -56,7 +53,7 @@ def test_export_writes_every_file_with_metadata(exported):
     names = {p.name for p in out.iterdir()}
     expected = {f"{g}{s}.onnx" for g in GRAPHS for s in ("", ".fp16")} | {"model.onnx", "model.pt", "cellseg.json"}
     assert names == expected  # and no temporary leftovers
-    assert not [p for p in out.parent.iterdir() if p.name.startswith(".out.")]
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
     info = json.loads((out / "cellseg.json").read_text())
     assert info["weights_sha256"] == digest and info["metadata"] == ckpt.metadata
     for name in expected - {"model.pt", "cellseg.json"}:
@@ -162,8 +159,8 @@ def test_failed_verification_leaves_nothing(exported, tmp_path, monkeypatch):
 
 def test_verification_detects_a_wrong_graph(exported):
     """The checker is real: a mask head graph from other weights is caught."""
-    from cellseg.export.onnx_graphs import graph_io, graph_modules
     from cellseg.export.verify import FP32_TOLERANCE, OnnxRunner, check_graph
+    from cellseg.graphs import graph_io, graph_modules
     from cellseg.model import build_model
 
     torch.manual_seed(123)

@@ -141,3 +141,15 @@ def test_random_init_model_is_sized_from_the_data(tmp_path):
     assert model_info["random_init"] and model_info["source"] is None
     assert spec.class_names == ("class1", "class2", "class3", "class4")
     assert spec.box_detections_per_img == max(1000, 2 * max(gt_instances_per_image(bench.gt).values()))
+
+
+def test_failed_gates_exit_with_the_verification_code(monkeypatch, tmp_path, capsys):
+    """main's exit codes are the cellseg error classes' own: a failed gate is a VerificationError."""
+    import cellseg.bench.gpu_check as gpu_check
+    from cellseg.errors import VerificationError
+
+    monkeypatch.setattr(gpu_check, "choose_device", lambda allow_cpu: "cpu")
+    monkeypatch.setattr(gpu_check, "run_gpu_check", lambda cfg, console=None: {"failures": ["fp32 on cpu: x", "y"]})
+    monkeypatch.setattr(gpu_check, "print_report", lambda report, out=None: None)
+    assert main(["--allow-cpu", "--out", str(tmp_path / "check.json")]) == VerificationError.exit_code
+    assert capsys.readouterr().err.strip().splitlines() == ["2 gate(s) failed: fp32 on cpu: x; y"]

@@ -223,7 +223,7 @@ def test_model_from_checkpoint_is_strict():
 
 
 def test_inference_budgets_grow_with_image_area_not_per_image():
-    from cellseg.model import apply_inference_budgets, inference_budgets
+    from cellseg.model import inference_budgets, inference_budgets_applied
 
     spec = tiny_spec()
     assert spec.max_instances_per_mpx == 0.0 or spec.max_instances_per_mpx > 0
@@ -240,13 +240,102 @@ def test_inference_budgets_grow_with_image_area_not_per_image():
     small = tiny_spec(box_detections_per_img=20, rpn_pre_nms_top_n_test=20, rpn_post_nms_top_n_test=20,
                       box_score_thresh=0.99, max_instances_per_mpx=100 * 1e6 / 128 ** 2)
     model = build_model(small).eval()
+    during = budgets_seen_during_forward(model)
     with torch.no_grad():
         model([torch.rand(3, 128, 128)])
-    assert model.roi_heads.detections_per_img == 200
-    assert model.rpn._post_nms_top_n["testing"] == 200
-    apply_inference_budgets(model, small, [(64, 64)])
-    assert model.roi_heads.detections_per_img == 50
+    assert during[-1] == (200, 200, 200)  # (detections_per_img, rpn post-NMS, rpn pre-NMS) in the call
+    assert model.roi_heads.detections_per_img == 20  # and the model's own again after it
+    with inference_budgets_applied(model, small, [(64, 64)]):
+        assert model.roi_heads.detections_per_img == 50
     # scale: density is per network-input pixel
     scaled = spec_from_data("maskrcnn_resnet18_fpn", NAMES, (1, 2, 3), np.array([10.0]), 189, scale=0.5,
                             max_instances_per_mpx=1000.0)
     assert scaled.max_instances_per_mpx == pytest.approx(4000.0)
+
+
+def budgets_seen_during_forward(model) -> list[tuple[int, int, int]]:
+    """A list that gets (detections_per_img, rpn post-NMS, rpn pre-NMS test budgets) as they are
+    each time roi_heads runs."""
+    from cellseg.tv_compat import rpn_test_budgets
+
+    seen: list[tuple[int, int, int]] = []
+
+    def record(module, args):
+        pre, post = rpn_test_budgets(model.rpn)
+        seen.append((model.roi_heads.detections_per_img, post, pre))
+
+    model.roi_heads.register_forward_pre_hook(record)
+    return seen
+
+
+def budgets_of(model) -> tuple[int, int, int]:
+    from cellseg.tv_compat import rpn_test_budgets
+
+    pre, post = rpn_test_budgets(model.rpn)
+    return model.roi_heads.detections_per_img, post, pre
+
+
+def test_budgets_hold_for_the_call_only_and_are_restored_after_it():
+    from cellseg.model import inference_budgets, inference_budgets_applied
+
+    crowded = tiny_spec(box_detections_per_img=20, rpn_pre_nms_top_n_test=20, rpn_post_nms_top_n_test=20,
+                        max_instances_per_mpx=100 * 1e6 / 128 ** 2)
+    model = build_model(crowded).eval()
+    before = budgets_of(model)
+    assert before == (20, 20, 20)
+    during = budgets_seen_during_forward(model)
+    grown = inference_budgets(crowded, 256, 256)  # a large crowded image: 4x the 128 px budget
+    assert grown == (800, 800, 800)
+    image = torch.rand(3, 256, 256)
+    predict_raw(model, [image])
+    assert during[-1] == (800, 800, 800) and budgets_of(model) == before
+    with torch.no_grad():
+        model([image])  # eager forward: the same budgets, also only for the call
+    assert during[-1] == (800, 800, 800) and budgets_of(model) == before
+    with pytest.raises(RuntimeError, match="boom"):
+        with inference_budgets_applied(model, crowded, [(256, 256)]):
+            assert budgets_of(model) == (800, 800, 800)
+            raise RuntimeError("boom")
+    assert budgets_of(model) == before
+
+    def fails(module, args):
+        raise RuntimeError("boom in the heads")
+
+    handle = model.roi_heads.register_forward_pre_hook(fails)
+    with pytest.raises(RuntimeError, match="boom in the heads"), torch.no_grad():
+        model([image])
+    assert budgets_of(model) == before
+    handle.remove()
+    model.train()  # training keeps its own budgets: the hooks leave them alone
+    model([image], [square_target(256, 256)])
+    assert budgets_of(model) == before
+
+
+def test_pipeline_budgets_are_restored_after_predict():
+    from cellseg.backends.torch_backend import TorchBackend
+    from cellseg.pipeline import Predictor
+
+    crowded = tiny_spec(box_detections_per_img=20, rpn_pre_nms_top_n_test=20, rpn_post_nms_top_n_test=20,
+                        max_instances_per_mpx=100 * 1e6 / 128 ** 2)
+    model = build_model(crowded).eval()
+    before = budgets_of(model)
+    predictor = Predictor(crowded, model, TorchBackend(model, torch.device("cpu")), torch.device("cpu"))
+    seen = []
+    real = model.roi_heads.postprocess_detections
+
+    def record(*args, **kwargs):
+        seen.append(budgets_of(model))
+        return real(*args, **kwargs)
+
+    model.roi_heads.postprocess_detections = record
+    predictor.predict(np.random.default_rng(0).random((256, 256, 3), dtype=np.float32))
+    assert seen == [(800, 800, 800)] and budgets_of(model) == before
+
+
+@pytest.mark.parametrize("scale, largest", [(1.0, 41), (0.5, 21), (2.0, 81)])
+def test_spec_records_the_largest_object_after_scale(scale, largest):
+    spec = spec_from_data("maskrcnn_resnet18_fpn", NAMES, (1, 2, 3), np.array([6.0, 9, 12, 20, 40.4]), 10,
+                          scale=scale)
+    assert spec.max_object_px == largest
+    assert ModelSpec.from_dict(spec.to_dict()).max_object_px == largest
+    assert spec_from_data("maskrcnn_resnet18_fpn", NAMES, (1, 2, 3), np.zeros(0), 0).max_object_px == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import enum
 import json
+import shutil
 import types
 from pathlib import Path
 
@@ -12,9 +13,10 @@ import numpy as np
 import pytest
 import torch
 
+from cellseg.artifacts import (SIDECAR_FORMAT, Profile, check_sidecar, read_sidecar, select_profile, sidecar_path,
+                               sidecar_profiles)
 from cellseg.errors import BackendUnavailableError, CheckpointError, InputError
-from cellseg.export.tensorrt_build import (SIDECAR_FORMAT, Profile, build_engines, builder_plan, check_sidecar,
-                                           engine_profiles, select_profile)
+from cellseg.export.tensorrt_build import build_engines, builder_plan, engine_profiles
 from helpers import tiny_spec
 
 torch.set_num_threads(1)
@@ -101,18 +103,10 @@ def fake_tensorrt(version: str, log: list) -> types.ModuleType:
 
 
 @pytest.fixture(scope="module")
-def export_dir(tmp_path_factory) -> tuple[Path, str]:
-    from cellseg.checkpoint import load_checkpoint, make_metadata, save_checkpoint, weights_hash
-    from cellseg.export.exporter import export_model
-    from cellseg.model import build_model
-
-    root = tmp_path_factory.mktemp("trt")
-    torch.manual_seed(0)
-    model = build_model(tiny_spec()).eval()
-    metadata = make_metadata(tiny_spec())
-    save_checkpoint(root / "tiny.pt", model.state_dict(), metadata)
-    out = export_model(root / "tiny.pt", root / "out", fp16=True)
-    return out, weights_hash(load_checkpoint(root / "tiny.pt").state_dict)
+def export_dir(tmp_path_factory, tiny_export, tiny_weights_hash) -> tuple[Path, str]:
+    """A copy of conftest's session export (engines get built into it) and its weights hash."""
+    out = Path(shutil.copytree(tiny_export, tmp_path_factory.mktemp("trt") / "out"))
+    return out, tiny_weights_hash
 
 
 # ------------------------------------------------------------------ builder settings
@@ -167,7 +161,7 @@ def test_build_engines_with_fake_tensorrt(export_dir, version):
     assert (folder / "backbone.fp16.engine").read_bytes() == b"ENGINE"
     info = json.loads((folder / "cellseg.json").read_text())
     assert info["engines"]["mask_head.fp32"]["engine"] == "mask_head.fp32.engine"
-    from cellseg.pipeline import artifacts_present
+    from cellseg.artifacts import artifacts_present
     assert artifacts_present(folder)["trt"] == ["fp16", "fp32"]
 
 
@@ -227,6 +221,37 @@ def test_sidecar_checks():
         check_sidecar(sidecar, path, "10.8.0", "L4", (8, 9), "other")
     with pytest.raises(CheckpointError, match="sidecar"):
         check_sidecar({**sidecar, "format": "x"}, path, "10.8.0", "L4", (8, 9), "abc")
+
+
+@pytest.mark.parametrize("text, words", [
+    ("", "unreadable"), ("{not json", "unreadable"), ("\x00\xff\xfe", "unreadable"),
+    ("[1, 2]", "not a JSON object"), ('"engine"', "not a JSON object"),
+])
+def test_damaged_sidecar_is_a_one_line_checkpoint_error(tmp_path, text, words):
+    engine = tmp_path / "backbone.fp16.engine"
+    sidecar_path(engine).write_bytes(text.encode("latin-1"))
+    with pytest.raises(CheckpointError) as err:
+        read_sidecar(engine)
+    message = str(err.value)
+    assert words in message and "backbone.fp16.json" in message and "\n" not in message
+    with pytest.raises(CheckpointError, match="missing.fp16.json: engine sidecar unreadable"):
+        read_sidecar(tmp_path / "missing.fp16.engine")  # no sidecar at all
+
+
+@pytest.mark.parametrize("profiles", [None, [], "x", [{"input": "images"}], [{"input": "i", "min": 1, "opt": 2, "max": 3}]])
+def test_sidecar_without_valid_profiles_is_refused(profiles):
+    sidecar = {"format": SIDECAR_FORMAT} if profiles is None else {"format": SIDECAR_FORMAT, "profiles": profiles}
+    with pytest.raises(CheckpointError, match="no valid optimisation profiles"):
+        sidecar_profiles(sidecar, Path("box_head.fp32.json"))
+    good = {"input": "images", "min": [1, 3, 64, 64], "opt": [1, 3, 128, 128], "max": [1, 3, 256, 256]}
+    assert sidecar_profiles({"profiles": [good]}, Path("x.json")) == [Profile.from_dict(good)]
+    assert Profile.from_dict(good).to_dict() == good
+
+
+def test_sidecar_with_malformed_capability_is_refused():
+    sidecar = {"format": SIDECAR_FORMAT, "tensorrt_version": "10.8.0", "compute_capability": 89}
+    with pytest.raises(CheckpointError, match="compute capability 89"):
+        check_sidecar(sidecar, Path("e.engine"), "10.8.0", "L4", (8, 9), None)
 
 
 def test_head_batches_beyond_profile_are_chunked():

@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = dict(rpn_pre_nms_top_n_train=64, rpn_post_nms_top_n_train=64, rpn_pre_nms_top_n_test=64,
                   rpn_post_nms_top_n_test=64, box_batch_size_per_image=32, rpn_batch_size_per_image=32,
                   box_detections_per_img=64)
+TINY_SET = [arg for k, v in TINY_MODEL.items() for arg in ("--set", f"{k}={v}")]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def data(tmp_path_factory) -> Path:
 def tiny_cfg(data: Path, out: Path, **kw) -> TrainConfig:
     base = dict(data=str(data), out=str(out), arch="maskrcnn_resnet18_fpn", epochs=1, batch_size=2,
                 val_fraction=0.3, device="cpu", max_iters_per_epoch=2, seed=0,
-                extra={"model": TINY_MODEL, "progress": False})
+                model_overrides=tuple(TINY_MODEL.items()), progress=False)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -198,9 +199,8 @@ def test_ddp_two_cpu_processes_gloo(data, tmp_path):
     run = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
            "--master-port", str(_free_port()),
-           "-m", "cellseg.train", str(data), "--out", str(run), "--epochs", "1", "--batch-size", "1",
-           "--max-iters-per-epoch", "2", "--device", "cpu", "--val-fraction", "0.3",
-           "--extra", json.dumps({"model": TINY_MODEL, "progress": False})]
+           "-m", "cellseg", "train", str(data), "--out", str(run), "--epochs", "1", "--batch-size", "1",
+           "--max-iters-per-epoch", "2", "--device", "cpu", "--val-fraction", "0.3", "--quiet", *TINY_SET]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "best checkpoint:" in proc.stdout
@@ -212,9 +212,8 @@ def test_ddp_two_cpu_processes_gloo(data, tmp_path):
 
 def test_kill_9_loses_no_finished_epoch(data, tmp_path):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "cellseg.train", str(data), "--out", str(run), "--epochs", "40",
-           "--max-iters-per-epoch", "2", "--device", "cpu", "--extra",
-           json.dumps({"model": TINY_MODEL, "progress": False})]
+    cmd = [sys.executable, "-m", "cellseg", "train", str(data), "--out", str(run), "--epochs", "40",
+           "--max-iters-per-epoch", "2", "--device", "cpu", "--quiet", *TINY_SET]
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 300
@@ -267,3 +266,223 @@ def test_crop_path_equals_full_mask_path_and_handles_empty_samples(data):
     empty = augment_sample(np.zeros((64, 64, 3), np.float32), np.zeros((0, 64, 64), bool),
                            np.zeros(0, np.int64), np.random.default_rng(0), crop_size=32)
     assert empty[1].shape == (0, 32, 32) and empty[3].shape == (0, 4)
+
+
+# ------------------------------------------------------------------------------------------ bad settings and data
+def _invoke_train(*args):
+    from typer.testing import CliRunner
+
+    from cellseg.cli import app
+
+    return CliRunner().invoke(app, ["train", *[str(a) for a in args]])
+
+
+@pytest.mark.parametrize("option, value, words", [
+    ("--batch-size", 0, "--batch-size 0"), ("--lr", -1, "--lr -1"), ("--lr", "nan", "--lr nan"),
+    ("--epochs", -1, "--epochs -1"), ("--epochs", 0, "nothing would be trained"),
+    ("--val-fraction", 1, "--val-fraction 1"), ("--val-fraction", -0.1, "--val-fraction -0.1"),
+    ("--crop-size", -1, "--crop-size -1"), ("--workers", -2, "--workers -2"), ("--scale", 0, "--scale 0"),
+    ("--scheduler", "linear", "unknown scheduler"), ("--warmup-iters", -5, "--warmup-iters -5"),
+    ("--arch", "resnet9000", "resnet9000"), ("--set", "no_such_setting=1", "no_such_setting"),
+])
+def test_impossible_settings_are_one_line_errors_before_any_work(data, tmp_path, monkeypatch, option, value, words):
+    import cellseg.data.dataset as dataset_mod
+
+    monkeypatch.setattr(dataset_mod, "read_instance_pixels", lambda *a: pytest.fail("read data"))
+    res = _invoke_train(data, "--out", tmp_path / "run", "--device", "cpu", option, value)
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert res.exit_code == 2 and len(lines) == 1 and words in lines[0], res.output
+    assert "last.pt" not in lines[0] and not (tmp_path / "run").exists()
+
+
+def test_unknown_scheduler_is_refused_by_the_library_too(data, tmp_path):
+    from cellseg.errors import InputError
+
+    with pytest.raises(InputError, match="unknown scheduler"):
+        fit(tiny_cfg(data, tmp_path / "run", scheduler="steps"))
+    with pytest.raises(InputError, match="unknown scheduler"):
+        train_mod._lr_lambda("steps", 10, 1)
+
+
+def test_cuda_without_cuda_is_a_one_line_exit_5(data, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    res = _invoke_train(data, "--out", tmp_path / "run", "--device", "cuda")
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert res.exit_code == 5 and len(lines) == 1 and "--device cuda" in lines[0], res.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_unwritable_run_folder_fails_before_any_work(data, tmp_path, monkeypatch):
+    from cellseg.errors import OutputError
+
+    monkeypatch.setattr(train_mod, "scan_samples", lambda *a, **k: pytest.fail("read data"))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(OutputError, match="not a folder"):
+        fit(tiny_cfg(data, blocker / "run"))
+    if os.geteuid() == 0:
+        return  # root writes into read-only folders: the permission case cannot be set up
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        with pytest.raises(OutputError, match="not writable"):
+            fit(tiny_cfg(data, locked / "run"))
+    finally:
+        locked.chmod(0o700)
+
+
+def _copy_with_split(data: Path, dest: Path, val_fraction: float) -> tuple[Path, list[Path]]:
+    """A copy of the synthetic data set and the sample folders `fit` puts in its validation split."""
+    import shutil
+
+    from cellseg.data.hw3 import split_train_val
+
+    shutil.copytree(data, dest)
+    dirs = list_sample_dirs(find_train_root(dest))
+    _, val_ids = split_train_val([d.name for d in dirs], val_fraction, 0)
+    assert val_ids
+    return dest, [d for d in dirs if d.name in val_ids]
+
+
+def test_bad_validation_sample_fails_before_the_first_epoch(data, tmp_path, monkeypatch):
+    from cellseg.errors import DataError
+
+    copy, val_dirs = _copy_with_split(data, tmp_path / "data", 0.3)
+    bad = val_dirs[0] / "image.tif"
+    bad.write_bytes(b"II*\x00 truncated")
+    monkeypatch.setattr(train_mod, "train_one_epoch", lambda *a, **k: pytest.fail("trained before checking"))
+    with pytest.raises(DataError, match="image.tif") as err:
+        fit(tiny_cfg(copy, tmp_path / "run"))
+    assert str(bad) in str(err.value) and "\n" not in str(err.value)
+    # a label image whose shape differs from its image's
+    bad.unlink()
+    import shutil
+    shutil.copy(data / "train" / val_dirs[0].name / "image.tif", bad)
+    import tifffile
+    tifffile.imwrite(val_dirs[0] / "class1.tif", np.zeros((5, 7), np.uint16))
+    with pytest.raises(DataError, match="class1.tif.*shape"):
+        fit(tiny_cfg(copy, tmp_path / "run"))
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_validation_split_without_instances_has_its_own_message(data, tmp_path, capsys):
+    copy, val_dirs = _copy_with_split(data, tmp_path / "data", 0.3)
+    for d in val_dirs:
+        for f in d.glob("class*.tif"):
+            f.unlink()
+    run = tmp_path / "run"
+    fit(tiny_cfg(copy, run, progress=True))
+    err = capsys.readouterr().err
+    assert "no validation split" not in err
+    assert "validation split" in err and "has no instances" in err
+    assert read_metrics(run)[0]["val"] is None and (run / "best.pt").exists()
+    assert load_checkpoint(run / "best.pt").metadata["training"]["n_val"] == len(val_dirs)
+
+
+def test_no_validation_split_says_so(data, tmp_path, capsys):
+    fit(tiny_cfg(data, tmp_path / "run", val_fraction=0.0, progress=True))
+    assert "no validation split" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ config
+def test_config_round_trips_and_old_run_dirs_still_resume(data, tmp_path):
+    cfg = tiny_cfg(data, tmp_path / "x", scheduler="multistep", warmup_iters=3, cache=True)
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    run = tmp_path / "run"
+    fit(tiny_cfg(data, run))
+    stored = json.loads((run / "config.json").read_text())
+    assert stored["model_overrides"] == TINY_MODEL and stored["scheduler"] == "cosine"
+    # a run made before the typed fields kept them in a free-form "extra" dict
+    legacy = {k: v for k, v in stored.items() if k not in ("model_overrides", "scheduler", "warmup_iters",
+                                                             "progress", "cache")}
+    legacy["extra"] = {"model": TINY_MODEL, "progress": False, "scheduler": "multistep", "warmup_iters": 7}
+    (run / "config.json").write_text(json.dumps(legacy))
+    old = train_mod._read_config(run, tiny_cfg(data, run, resume=True))
+    assert old.scheduler == "multistep" and old.warmup_iters == 7 and dict(old.model_overrides) == TINY_MODEL
+    assert fit(tiny_cfg(data, run, resume=True)).exists()  # finished run: repairs only
+    (run / "config.json").write_text("{not json")
+    with pytest.raises(TrainingError, match="config.json: cannot read"):
+        fit(tiny_cfg(data, run, resume=True))
+
+
+def test_spec_records_the_largest_training_object(data, tmp_path):
+    from cellseg.data.dataset import scan_samples
+    from cellseg.data.hw3 import split_train_val
+
+    run = tmp_path / "run"
+    fit(tiny_cfg(data, run, scale=0.5))
+    spec = load_checkpoint(run / "best.pt").spec
+    root = find_train_root(data)
+    dirs = list_sample_dirs(root)
+    train_ids, _ = split_train_val([d.name for d in dirs], 0.3, 0)
+    stats = scan_samples([d for d in dirs if d.name in train_ids], class_names_of(root))
+    largest = max(float(s.object_sizes.max()) for s in stats if s.instances)
+    assert spec.max_object_px == int(np.ceil(largest * 0.5)) > 0
+
+
+# ------------------------------------------------------------------------------------------ validation path
+def _gt_from_detections(gt: dict, entries: list[dict], share: float) -> dict:
+    """`gt` with its annotations replaced by the top-scoring `share` of each image's entries, so
+    that AP measured against it is far from 0 even for an untrained model."""
+    import pycocotools.mask as mask_utils
+
+    annotations = []
+    for image in gt["images"]:
+        mine = sorted((e for e in entries if e["image_id"] == image["id"]), key=lambda e: -e["score"])
+        for e in mine[:max(1, int(len(mine) * share))]:
+            annotations.append({"id": len(annotations) + 1, "image_id": image["id"], "category_id": e["category_id"],
+                                "segmentation": e["segmentation"], "bbox": e["bbox"], "iscrowd": 0,
+                                "area": float(mask_utils.area({**e["segmentation"],
+                                                               "counts": e["segmentation"]["counts"].encode()}))})
+    return {**gt, "annotations": annotations}
+
+
+@pytest.mark.parametrize("fast_roi_align", [False, True])
+def test_validation_through_the_pipeline_matches_the_raw_model_path(data, monkeypatch, fast_roi_align):
+    """evaluate() goes through Predictor.predict_coco; the model's own forward + the shared
+    paste/RLE (the path it replaced) gives the same entries and the same AP to float rounding."""
+    import cellseg.evaluate as evaluate_mod
+    import cellseg.roi_align as roi_align_mod
+
+    if not fast_roi_align:  # torchvision's pooler on both paths: the same numbers exactly
+        monkeypatch.setattr(roi_align_mod, "fast_path_applies", lambda *a: False)
+    from cellseg.data.hw3 import read_sample
+    from cellseg.model import build_model, predict_raw, spec_from_data
+    from cellseg.postprocess import detections_to_coco
+
+    root = find_train_root(data)
+    dirs = list_sample_dirs(root)
+    names = class_names_of(root)
+    torch.manual_seed(0)
+    spec = spec_from_data("maskrcnn_resnet18_fpn", names, tuple(range(1, len(names) + 1)), np.array([6.0, 10, 14]),
+                          20, **{**TINY_MODEL, "box_score_thresh": 0.0})
+    model = build_model(spec)
+    seen: list[tuple[dict, list[dict]]] = []
+    real_evaluate = evaluate_mod.evaluate_coco
+    monkeypatch.setattr(evaluate_mod, "evaluate_coco", lambda gt, results: seen.append((gt, results)) or
+                        real_evaluate(gt, results))
+    train_mod.evaluate(model, dirs, torch.device("cpu"), spec)
+    gt, through_pipeline = seen[0]
+    samples = [read_sample(d, names) for d in dirs]
+    raw: list[dict] = []
+    for image_id, s in enumerate(samples, start=1):
+        det = predict_raw(model.eval(), [torch.from_numpy(s.image.transpose(2, 0, 1).copy())])[0]
+        raw.extend(detections_to_coco(image_id, det["boxes"], det["scores"], det["labels"], det["mask_probs"],
+                                      s.image.shape[:2], spec.category_ids, spec.mask_thresh))
+    assert len(raw) > 20  # random heads at score >= 0: plenty of detections to compare
+    assert len(through_pipeline) == len(raw)
+    # Scores of an untrained model crowd near 1 / (classes + 1): the fast RoIAlign's float rounding
+    # (1e-5) may swap which of two near-tied boxes NMS keeps, so then they agree to 1e-3 only.
+    tol = 1e-3 if fast_roi_align else 1e-6
+    np.testing.assert_allclose(sorted(e["score"] for e in through_pipeline), sorted(e["score"] for e in raw),
+                               atol=tol)
+    assert gt == train_mod.build_gt(samples, spec)
+    scored_gt = _gt_from_detections(gt, raw, 0.3)
+    expected = real_evaluate(scored_gt, raw)
+    got = real_evaluate(scored_gt, through_pipeline)
+    assert expected["segm"]["AP"] > 0.5 and expected["bbox"]["AP"] > 0.5  # a comparison that can fail
+    for iou_type in ("segm", "bbox"):
+        for key in ("AP", "AP50", "AP75"):
+            assert got[iou_type][key] == pytest.approx(expected[iou_type][key], abs=10 * tol), (iou_type, key)

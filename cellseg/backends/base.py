@@ -8,6 +8,8 @@ from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor
 
+from cellseg.artifacts import DELTAS_PREFIX, FEATURE_PREFIX, OBJECTNESS_PREFIX
+
 # Backend names in the order load_predictor prefers them when several are present.
 BACKEND_PREFERENCE = ("trt", "onnxruntime", "torch")
 
@@ -39,8 +41,6 @@ class Backend(Protocol):
 def split_backbone_outputs(names: tuple[str, ...] | list[str], outputs: list[Tensor]
                            ) -> tuple["OrderedDict[str, Tensor]", list[Tensor], list[Tensor]]:
     """Backbone graph outputs (named feat_<key>, objectness_<i>, deltas_<i>) -> the three groups."""
-    from cellseg.export.onnx_graphs import DELTAS_PREFIX, FEATURE_PREFIX, OBJECTNESS_PREFIX
-
     features: OrderedDict[str, Tensor] = OrderedDict()
     objectness: dict[int, Tensor] = {}
     deltas: dict[int, Tensor] = {}

@@ -3,7 +3,6 @@ onnxruntime-gpu is installed and the device is CUDA. Tensors are bound by IO bin
 stay on the GPU; on the CPU ORT reads/writes torch's buffers directly, no numpy copies)."""
 from __future__ import annotations
 
-import json
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -12,10 +11,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from cellseg.artifacts import FEATURE_PREFIX, METADATA_KEY, check_onnx_metadata
 from cellseg.backends.base import split_backbone_outputs
+from cellseg.device import resolve_device
 from cellseg.errors import BackendUnavailableError, CheckpointError, InputError
-
-METADATA_KEY = "cellseg"  # ONNX metadata_props key holding {"metadata", "weights_sha256"}
 
 
 def physical_cores() -> int:
@@ -55,33 +54,20 @@ class OnnxRuntimeBackend:
         for graph, path in graph_paths.items():
             if not Path(path).is_file():
                 raise CheckpointError(f"{path}: {graph} graph missing")
-        want_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-        has_cuda_ep = "CUDAExecutionProvider" in ort.get_available_providers()
-        if device.startswith("cuda") and not (has_cuda_ep and torch.cuda.is_available()):
-            raise BackendUnavailableError("onnxruntime on CUDA needs onnxruntime-gpu and a CUDA PyTorch "
-                                          f"(providers here: {', '.join(ort.get_available_providers())})")
-        self.device = torch.device(device if device.startswith("cuda") else "cuda") \
-            if (want_cuda and has_cuda_ep and torch.cuda.is_available()) else torch.device("cpu")
+        self.device = _session_device(device, ort.get_available_providers())
         threads = intra_op_threads or physical_cores()
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        # ORT's idle threads otherwise busy-wait after each run and take the cores from the torch glue
-        # (RPN, RoIAlign) that runs between the graphs: 14% of the time per image on 2 CPU cores.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options = _session_options(ort, threads)
         if self.device.type == "cuda":
             providers: list[Any] = [("CUDAExecutionProvider", {"device_id": self.device.index or 0}),
                                     "CPUExecutionProvider"]
         else:
             providers = ["CPUExecutionProvider"]
-        self.sessions = {g: ort.InferenceSession(str(p), sess_options=options, providers=providers)
-                         for g, p in graph_paths.items()}
-        self._check_metadata(graph_paths, expected_hash)
+        self.sessions = {g: _open_session(ort, g, Path(p), options, providers) for g, p in graph_paths.items()}
+        for graph, session in self.sessions.items():
+            check_onnx_metadata(graph_paths[graph], graph,
+                                session.get_modelmeta().custom_metadata_map.get(METADATA_KEY), expected_hash)
         self._outputs = {g: [o.name for o in s.get_outputs()] for g, s in self.sessions.items()}
         self._inputs = {g: s.get_inputs()[0].name for g, s in self.sessions.items()}
-        self._backbone_channels = self._static_dim(self.sessions["backbone"].get_outputs()[0].shape, 1)
         self.settings: dict[str, Any] = {
             "providers": self.sessions["backbone"].get_providers(), "device": str(self.device),
             "precision": precision, "graph_optimization_level": "ORT_ENABLE_ALL", "execution_mode": "ORT_SEQUENTIAL",
@@ -95,24 +81,6 @@ class OnnxRuntimeBackend:
         except ImportError:
             return False, "onnxruntime is not installed (pip install onnxruntime, or onnxruntime-gpu)"
         return True, ""
-
-    def _check_metadata(self, graph_paths: dict[str, Path], expected_hash: str | None) -> None:
-        for graph, session in self.sessions.items():
-            raw = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
-            try:
-                found = json.loads(raw)["weights_sha256"] if raw else None
-            except (ValueError, KeyError, TypeError):
-                found = None
-            if found is None:
-                raise CheckpointError(f"{graph_paths[graph]}: no cellseg metadata in the ONNX file")
-            if expected_hash is not None and found != expected_hash:
-                raise CheckpointError(f"{graph_paths[graph]}: weights hash {found[:12]}... differs from the "
-                                      f"export's {expected_hash[:12]}... (graph from another checkpoint)")
-
-    @staticmethod
-    def _static_dim(shape: list, axis: int) -> int | None:
-        value = shape[axis] if len(shape) > axis else None
-        return value if isinstance(value, int) else None
 
     def _run(self, graph: str, x: Tensor, output_shapes: list[tuple[int, ...]]) -> list[Tensor]:
         """One IO-bound run: input and outputs are torch tensors on self.device, bound by address."""
@@ -150,6 +118,58 @@ class OnnxRuntimeBackend:
         return self._run("mask_head", pooled, [shape])[0]
 
 
+def _session_device(device: str, providers: list[str]) -> torch.device:
+    """`auto` takes CUDA only when onnxruntime has its CUDA provider too; an explicit CUDA device
+    without that provider is refused."""
+    has_cuda_ep = "CUDAExecutionProvider" in providers
+    if device == "auto" and not has_cuda_ep:
+        return torch.device("cpu")
+    chosen = resolve_device(device)
+    if chosen.type == "cuda" and not has_cuda_ep:
+        raise BackendUnavailableError("onnxruntime on CUDA needs onnxruntime-gpu "
+                                      f"(providers here: {', '.join(providers)})")
+    return chosen
+
+
+def _session_options(ort, threads: int):
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    # ORT's idle threads otherwise busy-wait after each run and take the cores from the torch glue
+    # (RPN, RoIAlign) that runs between the graphs: 14% of the time per image on 2 CPU cores.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
+def _open_session(ort, graph: str, path: Path, options, providers: list[Any]):
+    """An InferenceSession for `path`; a file onnxruntime cannot load is a one-line CheckpointError
+    in cellseg's words (onnxruntime's own text is several lines of internals)."""
+    try:
+        size = path.stat().st_size
+    except OSError as err:
+        raise CheckpointError(f"{path}: {graph} graph unreadable ({err.strerror or type(err).__name__})") from None
+    if size == 0:
+        raise CheckpointError(f"{path}: {graph} graph is an empty file; re-export it with `cellseg export`")
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    except Exception as err:  # onnxruntime raises its own pybind classes, not a common base
+        raise CheckpointError(f"{path}: {graph} graph {_load_failure(err)}; "
+                              f"re-export it with `cellseg export`") from None
+
+
+def _load_failure(err: Exception) -> str:
+    kind = type(err).__name__
+    if kind == "InvalidProtobuf":
+        return "is not a valid ONNX file (corrupt or truncated)"
+    if kind == "InvalidArgument" and "no graph" in str(err).lower():
+        return "holds no ONNX graph (corrupt or truncated)"
+    if kind in ("InvalidGraph", "Fail"):
+        return "is a damaged ONNX graph that onnxruntime cannot load"
+    return f"cannot be loaded by onnxruntime ({kind})"
+
+
 def _require_static(dim, name: str) -> int:
     if not isinstance(dim, int):
         raise InputError(f"ONNX output {name} has a dynamic dimension {dim!r} where a fixed one is expected")
@@ -160,8 +180,6 @@ def backbone_output_shapes(image_shape: tuple[int, ...], names: list[str], sessi
     """Output shapes of the backbone graph for an input [B,3,H,W], computed from the graph's static
     channel counts and the FPN strides (each level halves the previous one, rounding up, as the
     stride-2 convs / poolings do); IO binding needs the output buffers before the run."""
-    from cellseg.export.onnx_graphs import FEATURE_PREFIX
-
     b, _, h, w = image_shape
     level_sizes = fpn_level_sizes(h, w, sum(1 for n in names if n.startswith(FEATURE_PREFIX)))
     shapes = []

@@ -5,8 +5,9 @@ compute capability and the export's weights hash. Torch CUDA tensors are bound b
 (set_input_shape, set_tensor_address) and run with execute_async_v3 on the current torch stream,
 so no copies and no extra synchronisation. Image shapes outside the backbone's profile are refused
 with a one-line error; RoI batches larger than a head's profile are split into chunks.
-Not run on a GPU in this repository's tests (see README): written to the TensorRT docs; the pure
-Python parts (profile selection, sidecar checks) are tested on the CPU."""
+Unverified: the GPU path is written to the TensorRT docs and its test (tests/test_tensorrt_backend.py,
+marked gpu) has not run on a GPU; the pure Python parts (profile selection, sidecar checks, RoI
+chunking) are tested on the CPU."""
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -16,7 +17,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from cellseg.artifacts import (Profile, check_sidecar, gpu_identity, read_sidecar, select_profile, sidecar_path,
+                               sidecar_profiles)
 from cellseg.backends.base import split_backbone_outputs
+from cellseg.device import resolve_device
 from cellseg.errors import BackendUnavailableError, CheckpointError, InputError
 
 
@@ -24,16 +28,14 @@ class TensorRTBackend:
     name = "trt"
 
     def __init__(self, engine_paths: dict[str, Path], device: str = "auto", expected_hash: str | None = None) -> None:
-        from cellseg.export.tensorrt_build import (Profile, check_sidecar, gpu_identity, read_sidecar,
-                                                   require_tensorrt)
-
         ok, reason = self.is_available()
         if not ok:
             raise BackendUnavailableError(reason)
         if device == "cpu":
             raise BackendUnavailableError("the trt backend runs on CUDA only (device cpu was asked for)")
-        trt = require_tensorrt()
-        self.device = torch.device(device if device.startswith("cuda") else "cuda")
+        import tensorrt as trt
+
+        self.device = resolve_device(device)
         with torch.cuda.device(self.device):
             gpu_name, capability = gpu_identity()
         self._trt = trt
@@ -45,27 +47,34 @@ class TensorRTBackend:
         self._io: dict[str, tuple[str, list[str]]] = {}
         precision = None
         for graph, path in engine_paths.items():
-            path = Path(path)
-            if not path.is_file():
-                raise CheckpointError(f"{path}: {graph} engine missing")
-            sidecar = read_sidecar(path)
-            check_sidecar(sidecar, path, trt.__version__, gpu_name, capability, expected_hash)
+            sidecar = self._load_engine(graph, Path(path), gpu_name, capability, expected_hash)
             precision = sidecar.get("precision")
-            with torch.cuda.device(self.device):
-                engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
-            if engine is None:
-                raise CheckpointError(f"{path}: TensorRT could not deserialise the engine")
-            names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-            inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-            if len(inputs) != 1:
-                raise CheckpointError(f"{path}: expected one input tensor, found {inputs}")
-            self._engines[graph] = engine
-            self._contexts[graph] = engine.create_execution_context()
-            self._profiles[graph] = [Profile.from_dict(p) for p in sidecar["profiles"]]
-            self._io[graph] = (inputs[0], [n for n in names if n not in inputs])
         self.settings: dict[str, Any] = {"device": str(self.device), "gpu": gpu_name, "tensorrt": trt.__version__,
                                          "precision": precision,
                                          "engines": {g: Path(p).name for g, p in engine_paths.items()}}
+
+    def _load_engine(self, graph: str, path: Path, gpu_name: str, capability: tuple[int, int],
+                     expected_hash: str | None) -> dict[str, Any]:
+        """Check `path`'s sidecar, then deserialise it; returns the sidecar."""
+        trt = self._trt
+        if not path.is_file():
+            raise CheckpointError(f"{path}: {graph} engine missing")
+        sidecar = read_sidecar(path)
+        check_sidecar(sidecar, path, trt.__version__, gpu_name, capability, expected_hash)
+        profiles = sidecar_profiles(sidecar, sidecar_path(path))
+        with torch.cuda.device(self.device):
+            engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
+        if engine is None:
+            raise CheckpointError(f"{path}: TensorRT could not deserialise the engine")
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        if len(inputs) != 1:
+            raise CheckpointError(f"{path}: expected one input tensor, found {inputs}")
+        self._engines[graph] = engine
+        self._contexts[graph] = engine.create_execution_context()
+        self._profiles[graph] = profiles
+        self._io[graph] = (inputs[0], [n for n in names if n not in inputs])
+        return sidecar
 
     @classmethod
     def is_available(cls) -> tuple[bool, str]:
@@ -84,8 +93,6 @@ class TensorRTBackend:
         return table[trt_dtype]
 
     def _execute(self, graph: str, x: Tensor) -> list[Tensor]:
-        from cellseg.export.tensorrt_build import select_profile
-
         engine, context = self._engines[graph], self._contexts[graph]
         input_name, output_names = self._io[graph]
         stream = torch.cuda.current_stream(self.device)

@@ -11,14 +11,13 @@ from torch import Tensor, nn
 
 from cellseg.backends.base import split_backbone_outputs
 from cellseg.errors import BackendUnavailableError
+from cellseg.graphs import graph_io, graph_modules
 
 
 class TorchBackend:
     name = "torch"
 
     def __init__(self, model: nn.Module, device: torch.device, fp16: bool = False) -> None:
-        from cellseg.export.onnx_graphs import graph_io, graph_modules
-
         if fp16 and device.type != "cuda":
             raise BackendUnavailableError("torch backend: FP16 autocast needs CUDA (this device is "
                                           f"{device.type})")
@@ -26,7 +25,7 @@ class TorchBackend:
         self.device = device
         self.fp16 = fp16
         self._modules = graph_modules(model)
-        self._backbone_names = graph_io(model).get("backbone").outputs
+        self._backbone_names = graph_io(model)["backbone"].outputs
         self.settings: dict[str, Any] = {"device": str(device), "precision": "fp16-autocast" if fp16 else "fp32",
                                          "torch_threads": torch.get_num_threads()}
 

@@ -9,7 +9,8 @@ same augmentations as an uninterrupted one and DataLoader workers need no extra 
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,38 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from cellseg.data.hw3 import Sample, read_instance_pixels, read_sample
+from cellseg.data.hw3 import Sample, pixels_to_box, read_instance_pixels, read_sample
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: a numpy field has no scalar ==
+class SampleStats:
+    """What training needs to know of a sample before it starts: its size and its objects."""
+
+    sample_dir: Path
+    height: int
+    width: int
+    object_sizes: np.ndarray  # (N,) max(w, h) of each instance's box, in pixels
+
+    @property
+    def instances(self) -> int:
+        return int(self.object_sizes.size)
+
+
+def scan_samples(sample_dirs: Sequence[str | Path], class_names: tuple[str, ...],
+                 on_sample: Callable[[int], None] | None = None) -> list[SampleStats]:
+    """Read every sample once (image, class files, their shapes) so a bad file fails before any
+    training, as a one-line DataError naming it, not after an epoch's compute. `on_sample(i)` is
+    called after the i-th (1-based) sample, for progress."""
+    stats = []
+    for i, d in enumerate(sample_dirs, start=1):
+        image, _, pixels = read_instance_pixels(d, class_names)
+        h, w = image.shape[:2]
+        sizes = np.array([max(x2 - x1, y2 - y1) for x1, y1, x2, y2 in (pixels_to_box(p, w) for p in pixels)],
+                         np.float32)
+        stats.append(SampleStats(Path(d), int(h), int(w), sizes))
+        if on_sample is not None:
+            on_sample(i)
+    return stats
 
 
 def boxes_from_masks(masks: np.ndarray) -> np.ndarray:
