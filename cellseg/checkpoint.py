@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 import platform
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,7 @@ from torch import Tensor
 
 import cellseg
 from cellseg.config import SCHEMA_VERSION, ModelSpec
-from cellseg.errors import CheckpointError
+from cellseg.errors import CheckpointError, OutputError, foreign_errors
 from cellseg.fileio import atomic_write
 
 TOP_LEVEL_KEYS = {"state_dict", "metadata", "train_state"}
@@ -97,19 +100,51 @@ def save_checkpoint(path: str | Path, model_state: dict[str, Tensor], metadata: 
     payload: dict[str, Any] = {"state_dict": state, "metadata": json.loads(json.dumps(metadata))}
     if train_state is not None:
         payload["train_state"] = train_state
-    return atomic_write(path, lambda tmp: torch.save(payload, tmp), force=True)
+    return atomic_write(path, lambda tmp: _torch_save(payload, tmp, path), force=True)
+
+
+def _torch_save(payload: dict[str, Any], tmp: Path, path: Path) -> None:
+    """torch.save reports a full disk as a RuntimeError of its zip writer, not as an OSError."""
+    try:
+        torch.save(payload, tmp)
+    except RuntimeError as err:
+        raise OutputError(f"{path}: cannot write checkpoint ({str(err).splitlines()[0][:160]})") from err
+
+
+def _explain_load_error(err: BaseException) -> str:
+    """What is wrong with a file torch.load(weights_only=True) refused, in cellseg's words
+    (PyTorch's own text advises loading with weights_only=False, which would run the pickle)."""
+    return f"not a readable cellseg checkpoint: {_load_error_reason(err)}"
+
+
+def _load_error_reason(err: BaseException) -> str:
+    text = str(err)
+    unsafe = re.search(r"GLOBAL ([\w.]+)", text)
+    if unsafe:
+        return (f"it holds pickled Python objects ({unsafe.group(1)}) that a cellseg checkpoint never "
+                f"contains; refused unloaded, since unpickling them could run code")
+    if isinstance(err, EOFError) or "unexpected end" in text.lower():
+        return "truncated (the file ends early)"
+    if "central directory" in text or "zip archive" in text:
+        return "truncated or corrupt (not a complete PyTorch zip archive)"
+    if isinstance(err, pickle.UnpicklingError) or "Unpickler" in text:
+        return "a pickle of a kind that cannot be read safely (not written by cellseg)"
+    if "inline_container" in text or "archive" in text:
+        return "a zip file that is not a PyTorch checkpoint"
+    return f"unrecognised content ({type(err).__name__})"
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
-    try:
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: not a readable cellseg checkpoint: empty file (0 bytes)")
+    # torch warns about odd pickle protocols with advice to file an issue with PyTorch; the
+    # file is either refused below in one line or loads, so the warning is noise to the user.
+    with foreign_errors(path, "checkpoint", CheckpointError, _explain_load_error), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated zip, random bytes, pickled classes weights_only refuses
-        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()] or [type(err).__name__]
-        first = next((ln for ln in lines if "Unpickler error" in ln), lines[0])[:200]
-        raise CheckpointError(f"{path}: not a readable cellseg checkpoint ({first})") from None
     if not isinstance(payload, dict):
         raise CheckpointError(f"{path}: not a cellseg checkpoint (top level is {type(payload).__name__})")
     if "metadata" not in payload:

@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from cellseg.data.coco import rle_areas
-from cellseg.errors import InputError
+from cellseg.data.coco import rle_areas, rle_counts_problem
+from cellseg.errors import InputError, foreign_errors
 from cellseg.fileio import read_json
 
 IOU_TYPES = ("segm", "bbox")
@@ -60,23 +60,27 @@ def _check_gt(gt: dict) -> None:
         raise InputError("ground truth is not a COCO dict with 'images', 'annotations' and 'categories' lists")
 
 
-def _check_results_against_gt(gt: dict, results: Sequence[dict]) -> None:
+def _check_results_against_gt(gt: dict, results: Sequence[dict], source: str = "results",
+                              iou_types: Sequence[str] = IOU_TYPES) -> None:
+    """Every result names a GT image and category, its mask has that image's size, and it has a
+    mask when segm is evaluated; InputError "<source>: result #i: ..." for the first that does not."""
     image_ids = {int(img["id"]) for img in gt["images"]}
     cat_ids = {int(c["id"]) for c in gt["categories"]}
-    bad_images = sorted({r["image_id"] for r in results if r["image_id"] not in image_ids})
-    if bad_images:
-        raise InputError(f"results name {len(bad_images)} image id(s) not in the ground truth, "
-                         f"e.g. {bad_images[:5]} (ground-truth ids: {_id_range(image_ids)})")
     sizes = {int(img["id"]): [img.get("height"), img.get("width")] for img in gt["images"]}
     for i, r in enumerate(results):
+        where = f"{source}: result #{i}"
+        if r["image_id"] not in image_ids:
+            raise InputError(f"{where}: image id {r['image_id']} is not in the ground truth "
+                             f"(ground-truth ids: {_id_range(image_ids)})")
+        if r["category_id"] not in cat_ids:
+            raise InputError(f"{where}: category id {r['category_id']} is not in the ground truth "
+                             f"(ground-truth category ids: {sorted(cat_ids)})")
         seg = r.get("segmentation")
+        if seg is None and "segm" in iou_types:
+            raise InputError(f"{where}: has no 'segmentation' (mask); segm AP needs one in every result")
         if isinstance(seg, dict) and list(seg.get("size", [])) != sizes[r["image_id"]]:
-            raise InputError(f"result #{i}: mask size {seg.get('size')} differs from image "
+            raise InputError(f"{where}: mask size {seg.get('size')} differs from image "
                              f"{r['image_id']}'s size {sizes[r['image_id']]} in the ground truth")
-    bad_cats = sorted({r["category_id"] for r in results if r["category_id"] not in cat_ids})
-    if bad_cats:
-        raise InputError(f"results name category id(s) {bad_cats[:10]} not in the ground truth "
-                         f"(ground-truth category ids: {sorted(cat_ids)})")
 
 
 def _id_range(ids: Iterable[int]) -> str:
@@ -153,32 +157,40 @@ def _cat_names(gt: dict) -> dict[int, str]:
 
 
 def evaluate_coco(gt: dict, results: list[dict], iou_types: Sequence[str] = IOU_TYPES,
-                  max_dets: int | None = None) -> dict[str, dict[str, Any]]:
+                  max_dets: int | None = None, source: str = "results") -> dict[str, dict[str, Any]]:
     """Score COCO `results` against the COCO ground-truth dict `gt` with faster-coco-eval.
 
     Returns {iou_type: {"AP", "AP50", "AP75", "per_class": {name: AP or None}, "max_dets": M}}.
     maxDets is [1, 10, M], M = `max_dets` or `max_dets_for(gt)`. Raises InputError when a result
-    names an image or category that is not in the GT."""
-    from faster_coco_eval import COCO, COCOeval_faster
-
+    names an image or category that is not in the GT, or lacks a mask when segm is evaluated;
+    `source` (the results file) starts every message."""
     _check_gt(gt)
     _check_iou_types(iou_types)
-    _check_results_against_gt(gt, results)
+    _check_results_against_gt(gt, results, source, iou_types)
     m = int(max_dets) if max_dets is not None else max_dets_for(gt)
     out: dict[str, dict[str, Any]] = {}
     for iou_type in iou_types:
         if not results:
             out[iou_type] = _empty_summary(gt, m)
             continue
-        coco_gt = COCO(_prepared_gt(gt))
-        coco_dt = coco_gt.loadRes(_prepared_results(results, iou_type))
-        ev = COCOeval_faster(coco_gt, coco_dt, iouType=iou_type)
-        ev.params.maxDets = [1, 10, m]
-        ev.evaluate()
-        ev.accumulate()
-        out[iou_type] = summary_from_precision(ev.eval["precision"], ev.params.iouThrs,
-                                               ev.params.catIds, _cat_names(gt), m)
+        # Inputs are validated above; this turns anything the C++ evaluator still refuses into
+        # one line naming the results file instead of a traceback.
+        with foreign_errors(source, f"results for {iou_type} evaluation", InputError):
+            out[iou_type] = _faster_coco_eval(gt, results, iou_type, m)
     return out
+
+
+def _faster_coco_eval(gt: dict, results: list[dict], iou_type: str, max_dets: int) -> dict[str, Any]:
+    from faster_coco_eval import COCO, COCOeval_faster
+
+    coco_gt = COCO(_prepared_gt(gt))
+    coco_dt = coco_gt.loadRes(_prepared_results(results, iou_type))
+    ev = COCOeval_faster(coco_gt, coco_dt, iouType=iou_type)
+    ev.params.maxDets = [1, 10, max_dets]
+    ev.evaluate()
+    ev.accumulate()
+    return summary_from_precision(ev.eval["precision"], ev.params.iouThrs, ev.params.catIds,
+                                  _cat_names(gt), max_dets)
 
 
 def pycocotools_ap(gt: dict, results: list[dict], iou_type: str, max_dets: int) -> dict[str, Any]:
@@ -189,7 +201,7 @@ def pycocotools_ap(gt: dict, results: list[dict], iou_type: str, max_dets: int) 
 
     _check_gt(gt)
     _check_iou_types([iou_type])
-    _check_results_against_gt(gt, results)
+    _check_results_against_gt(gt, results, iou_types=[iou_type])
     if not results:
         return _empty_summary(gt, max_dets)
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
@@ -258,6 +270,7 @@ def _result_problem(r: Any) -> str | None:
                 and isinstance(s.get("size"), list) and len(s["size"]) == 2
                 and all(_is_int(v) and v >= 0 for v in s["size"])):
             return "'segmentation' must be an RLE {\"size\": [h, w], \"counts\": str}"
+        return rle_counts_problem(s["counts"], s["size"][0], s["size"][1])
     return None
 
 

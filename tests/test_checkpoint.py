@@ -197,3 +197,34 @@ def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind
     assert load_checkpoint(path).metadata["training"]["epoch"] == 1
+
+
+class _RunsCode:
+    def __reduce__(self):
+        import os
+        return (os.getcwd, ())
+
+
+@pytest.mark.parametrize("payload, reason", [
+    ({"state_dict": {}, "metadata": _RunsCode()}, r"holds pickled Python objects \(posix.getcwd\).*could run code"),
+    (collections.OrderedDict(a=zipfile.ZipInfo("x")), r"holds pickled Python objects \(zipfile.ZipInfo\)"),
+])
+def test_refusals_say_what_is_wrong_not_pytorchs_advice(tmp_path, payload, reason):
+    path = write_raw(tmp_path / "x.pt", payload)
+    with pytest.raises(CheckpointError, match=reason) as err:
+        load_checkpoint(path)
+    message = str(err.value)
+    assert "weights_only" not in message and "issue" not in message and "\n" not in message
+
+
+@pytest.mark.parametrize("damage, reason", [
+    ("truncated", "truncated or corrupt"), ("empty", "empty file"), ("pickle", "pickle of a kind"),
+])
+def test_damaged_files_name_the_damage(tmp_path, damage, reason):
+    import pickle
+
+    good = save_checkpoint(tmp_path / "good.pt", small_state(), make_metadata(small_spec()))
+    data = {"truncated": good.read_bytes()[:300], "empty": b"", "pickle": pickle.dumps({"a": 1})}[damage]
+    (tmp_path / "bad.pt").write_bytes(data)
+    with pytest.raises(CheckpointError, match=f"bad.pt: not a readable cellseg checkpoint: .*{reason}"):
+        load_checkpoint(tmp_path / "bad.pt")

@@ -225,3 +225,26 @@ def test_real_consep_samples() -> None:
         assert np.all(sample.masks.reshape(len(sample.labels), -1).any(axis=1))
     train, val = split_train_val([d.name for d in dirs], 0.2, 0)
     assert not {sample_group(s) for s in train} & {sample_group(s) for s in val}
+
+
+def test_class_masks_in_png_are_read_and_lossy_ones_refused(tmp_path: Path) -> None:
+    """class1.png next to image.tif was silently ignored: its instances count now."""
+    from PIL import Image
+
+    d = tmp_path / "train" / "s"
+    d.mkdir(parents=True)
+    tifffile.imwrite(d / "image.tif", np.zeros((10, 12, 3), np.uint8), photometric="rgb")
+    labels = np.zeros((10, 12), np.uint8)
+    labels[1:3, 1:3], labels[6:9, 6:8] = 1, 4
+    Image.fromarray(labels).save(d / "class2.png")
+    tifffile.imwrite(d / "class1.tiff", (labels > 0).astype(np.uint8))
+    names = class_names_of(tmp_path)
+    sample = read_sample(d, names)
+    assert names == ("class1", "class2") and list(sample.labels) == [1, 2, 2]
+    (d / "class3.jpg").write_bytes(b"\xff\xd8")
+    with pytest.raises(DataError, match="class3.jpg: unexpected class file name.*lossless"):
+        class_names_of(tmp_path)
+    (d / "class3.jpg").unlink()
+    Image.fromarray(labels).save(d / "class1.png")
+    with pytest.raises(DataError, match="class1.tiff: a second mask file for class 1"):
+        class_names_of(tmp_path)

@@ -165,3 +165,79 @@ def test_real_sample_image() -> None:
     assert 0.0 <= image.min() and image.max() <= 1.0
     labels = read_label_image(path.parent / "class2.tif")
     assert labels.shape == (397, 482) and len(np.unique(labels)) == 160
+
+
+# ---- axes from the file's own metadata, never guessed
+@pytest.mark.parametrize("shape, kwargs, expected", [
+    ((1, 1, 3), {"photometric": "rgb"}, (1, 1, 3)),  # one pixel high: the height axis stays
+    ((1, 7, 3), {"photometric": "rgb"}, (1, 7, 3)),
+    ((5, 1), {"photometric": "minisblack"}, (5, 1, 3)),
+    ((3, 1, 6), {"photometric": "rgb", "planarconfig": "separate"}, (1, 6, 3)),  # 'SYX'
+    ((1, 4, 6, 3), {"photometric": "rgb"}, (4, 6, 3)),  # 'QYXS' with one page
+])
+def test_size_one_axes_are_kept_or_dropped_by_name(tmp_path: Path, shape, kwargs, expected) -> None:
+    data = np.arange(int(np.prod(shape)), dtype=np.uint8).reshape(shape)
+    tifffile.imwrite(tmp_path / "a.tif", data, **kwargs)
+    assert read_image(tmp_path / "a.tif").shape == expected
+
+
+def test_imagej_channel_axis_is_read_and_stacks_are_refused(tmp_path: Path) -> None:
+    rgb = _rgb(6, 7)
+    tifffile.imwrite(tmp_path / "c.tif", np.moveaxis(rgb, 2, 0).copy(), imagej=True, metadata={"axes": "CYX"})
+    np.testing.assert_allclose(read_image(tmp_path / "c.tif"), rgb / 255.0, atol=1e-6)
+    tifffile.imwrite(tmp_path / "z.tif", np.zeros((3, 6, 7), np.uint8), imagej=True, metadata={"axes": "ZYX"})
+    with pytest.raises(DataError, match="z.tif: .*stack of 3 images along the depth axis 'Z'"):
+        read_image(tmp_path / "z.tif")
+    tifffile.imwrite(tmp_path / "t.tif", np.zeros((2, 6, 7, 3), np.uint8), photometric="rgb")
+    with pytest.raises(DataError, match="t.tif: .*stack of 2 images"):
+        read_label_image(tmp_path / "t.tif")
+
+
+def test_photometric_is_honoured(tmp_path: Path) -> None:
+    gray = _rgb()[:, :, 0]
+    tifffile.imwrite(tmp_path / "w.tif", gray, photometric="miniswhite")
+    np.testing.assert_allclose(read_image(tmp_path / "w.tif")[:, :, 0], (255 - gray) / 255.0, atol=1e-6)
+    np.testing.assert_array_equal(read_label_image(tmp_path / "w.tif"), gray)  # ids stay ids
+    colormap = np.zeros((3, 256), np.uint16)
+    colormap[0, 5] = 65535  # index 5 is pure red
+    tifffile.imwrite(tmp_path / "p.tif", np.full((4, 4), 5, np.uint8), photometric="palette", colormap=colormap)
+    np.testing.assert_allclose(read_image(tmp_path / "p.tif")[0, 0], [1.0, 0.0, 0.0])
+    tifffile.imwrite(tmp_path / "k.tif", np.zeros((4, 4, 4), np.uint8), photometric="separated")
+    with pytest.raises(DataError, match="k.tif: unsupported TIFF photometric"):
+        read_image(tmp_path / "k.tif")
+
+
+def _forge_size(path: Path, width: int, height: int) -> None:
+    """Rewrite the ImageWidth / ImageLength tags of a small classic TIFF in place."""
+    import struct
+
+    raw = bytearray(path.read_bytes())
+    with tifffile.TiffFile(path) as tif:
+        offsets = {tag.name: tag.offset for tag in tif.pages[0].tags.values()}
+    struct.pack_into("<I", raw, offsets["ImageWidth"] + 8, width)
+    struct.pack_into("<I", raw, offsets["ImageLength"] + 8, height)
+    path.write_bytes(bytes(raw))
+
+
+def test_huge_declared_size_is_refused_before_reading(tmp_path: Path) -> None:
+    from cellseg.data.images import MAX_IMAGE_PIXELS
+
+    tifffile.imwrite(tmp_path / "huge.tif", np.zeros((8, 8), np.uint8))
+    _forge_size(tmp_path / "huge.tif", 100_000, 100_000)
+    for reader in (read_image, read_label_image):
+        with pytest.raises(DataError, match=r"huge.tif: image declares 100000 x 100000 = 10,000,000,000 pixels.*tiled"):
+            reader(tmp_path / "huge.tif")
+    assert MAX_IMAGE_PIXELS == 16384 ** 2
+
+
+def test_huge_png_header_is_refused_before_decoding(tmp_path: Path) -> None:
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", 20_000, 20_000, 8, 0, 0, 0, 0)  # 400 M gray pixels, no data
+    (tmp_path / "huge.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
+    with pytest.raises(DataError, match=r"huge.png: image declares 20000 x 20000"):
+        read_image(tmp_path / "huge.png")

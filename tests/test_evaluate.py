@@ -260,3 +260,37 @@ def test_match_instances_with_more_than_255_instances_per_image():
                 "segmentation": {"size": r["size"], "counts": r["counts"].decode()}} for r in rles]
     match = match_instances(results, results, iou=0.95)
     assert match["matched"] == 300 and match["matched_share"] == 1.0
+
+
+def _write(tmp_path: Path, obj) -> Path:
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(obj))
+    return path
+
+
+@pytest.mark.parametrize("counts, reason", [
+    ("!!garbage~~", "outside the compressed-RLE alphabet"),
+    ("3", "cover 3 pixels"),
+    ("", "RLE counts are empty"),
+    ("0o", "end in the middle of a number"),
+])
+def test_garbage_rle_counts_are_refused_with_file_and_index(tmp_path, gt, counts, reason):
+    good = _gt_as_results(gt, np.random.default_rng(2))[:2]
+    bad = dict(good[1], segmentation={"size": good[1]["segmentation"]["size"], "counts": counts})
+    path = _write(tmp_path, [good[0], bad])
+    with pytest.raises(InputError, match=f"results.json: result #1: .*{reason}"):
+        load_results(path)
+
+
+def test_result_problems_name_the_file_and_entry(tmp_path, gt):
+    good = _gt_as_results(gt, np.random.default_rng(3))[:3]
+    for change, message in [({"image_id": 999}, "result #2: image id 999 is not in the ground truth"),
+                            ({"category_id": 77}, "result #2: category id 77 is not in the ground truth")]:
+        results = good[:2] + [dict(good[2], **change)]
+        with pytest.raises(InputError, match=f"run.json: {message}"):
+            evaluate_coco(gt, results, source="run.json")
+    no_mask = good[:2] + [{k: v for k, v in good[2].items() if k != "segmentation"}]
+    with pytest.raises(InputError, match="run.json: result #2: has no 'segmentation'"):
+        evaluate_coco(gt, no_mask, source="run.json")
+    boxes_only = [{k: v for k, v in r.items() if k != "segmentation"} for r in good]
+    assert set(evaluate_coco(gt, boxes_only, iou_types=("bbox",))) == {"bbox"}

@@ -16,7 +16,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from cellseg.data.hw3 import class_names_of, list_sample_dirs, read_instance_pixels
-from cellseg.errors import DataError
+from cellseg.errors import DataError, foreign_errors
 from cellseg.fileio import atomic_write_json, read_json
 
 
@@ -46,6 +46,49 @@ def decode_rle(rle: dict) -> np.ndarray:
         compressed = {"size": [h, w], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
     return _decode(compressed)
 
+
+
+_RLE_MAX_CHARS_PER_NUMBER = 12  # 60 bits: more is no count a real mask can have
+
+
+def rle_counts_problem(counts: str, height: int, width: int) -> str | None:
+    """Why a compressed RLE counts string is not a valid mask of height x width, or None.
+
+    Decodes the string the way pycocotools' rleFrString does (6-bit characters from '0', 5 data
+    bits + a continuation bit, sign bit on the last character, counts from the fourth on stored
+    as differences to the count two before), vectorised, and checks every run is non-negative
+    and the runs sum to height * width. pycocotools itself reads past such strings or accepts a
+    short one silently."""
+    if not isinstance(counts, str):
+        return "RLE counts must be a string"
+    raw = counts.encode("ascii", errors="replace")
+    chars = np.frombuffer(raw, np.uint8).astype(np.int64) - 48
+    if chars.size == 0:
+        return None if height * width == 0 else "RLE counts are empty"
+    if (chars < 0).any() or (chars > 63).any():
+        return "RLE counts hold characters outside the compressed-RLE alphabet ('0'..'o')"
+    ends = (chars & 0x20) == 0
+    if not ends[-1]:
+        return "RLE counts end in the middle of a number"
+    starts = np.flatnonzero(np.r_[True, ends[:-1]])
+    token = np.cumsum(np.r_[0, ends[:-1].astype(np.int64)])
+    position = np.arange(chars.size) - starts[token]
+    if position.max() >= _RLE_MAX_CHARS_PER_NUMBER:
+        return "RLE counts hold a number too long for any mask"
+    values = np.zeros(len(starts), np.int64)
+    np.add.at(values, token, (chars & 0x1F) << (5 * position))
+    last = chars[ends]
+    negative = (last & 0x10) != 0
+    values[negative] -= np.left_shift(1, 5 * (position[ends][negative] + 1))
+    runs = values.copy()
+    runs[2::2] = np.cumsum(values[2::2])  # counts from index 3 on are deltas to index - 2
+    runs[1::2] = np.cumsum(values[1::2])
+    runs[0] = values[0]
+    if (runs < 0).any():
+        return "RLE counts decode to a negative run length"
+    if int(runs.sum()) != height * width:
+        return f"RLE counts cover {int(runs.sum())} pixels, not height x width = {height * width}"
+    return None
 
 
 def rle_areas(rles: list[dict]) -> np.ndarray:
@@ -175,6 +218,10 @@ def _check_segmentation(where: str, seg: object, h: int, w: int) -> None:
             raise DataError(f"{where}: uncompressed RLE counts must be non-negative ints summing to h*w")
     elif not isinstance(counts, str):
         raise DataError(f"{where}: RLE counts must be a string or a list of ints")
+    else:
+        problem = rle_counts_problem(counts, h, w)
+        if problem:
+            raise DataError(f"{where}: {problem}")
 
 
 def validate_coco_gt(gt: object, source: str) -> dict:
@@ -209,10 +256,12 @@ def validate_coco_gt(gt: object, source: str) -> dict:
         if not _is_int(ann.get("id")) or ann["id"] in ann_ids:
             raise DataError(f"{where} needs a unique integer id")
         ann_ids.add(ann["id"])
-        if ann.get("image_id") not in sizes:
-            raise DataError(f"{where} refers to unknown image_id {ann.get('image_id')}")
-        if ann.get("category_id") not in category_ids:
-            raise DataError(f"{where} refers to unknown category_id {ann.get('category_id')}")
+        if not _is_int(ann.get("image_id")) or ann["image_id"] not in sizes:
+            raise DataError(f"{where} refers to unknown image_id {ann.get('image_id')!r}")
+        if not _is_int(ann.get("category_id")) or ann["category_id"] not in category_ids:
+            raise DataError(f"{where} refers to unknown category_id {ann.get('category_id')!r}")
+        if ann.get("iscrowd", 0) not in (0, 1) or isinstance(ann.get("iscrowd"), (bool, float)):
+            raise DataError(f"{where}: iscrowd must be 0 or 1, got {ann.get('iscrowd')!r}")
         if "segmentation" not in ann:
             raise DataError(f"{where} has no segmentation")
         h, w = sizes[ann["image_id"]]
@@ -222,9 +271,10 @@ def validate_coco_gt(gt: object, source: str) -> dict:
         if "area" in ann and not _is_number(ann["area"]):
             raise DataError(f"{where}: area must be a number")
         if "area" not in ann or "bbox" not in ann:
-            rle = mask_utils.encode(np.asfortranarray(annotation_mask(ann, h, w), dtype=np.uint8))
-            ann.setdefault("area", int(mask_utils.area(rle)))
-            ann.setdefault("bbox", [float(v) for v in mask_utils.toBbox(rle)])
+            with foreign_errors(where, "segmentation"):
+                rle = mask_utils.encode(np.asfortranarray(annotation_mask(ann, h, w), dtype=np.uint8))
+                ann.setdefault("area", int(mask_utils.area(rle)))
+                ann.setdefault("bbox", [float(v) for v in mask_utils.toBbox(rle)])
         ann.setdefault("iscrowd", 0)
     return gt
 

@@ -2,6 +2,8 @@
 
 Training:  ROOT/train/<sample_id>/image.tif + class<k>.tif (k >= 1, only for classes present;
            each class file is an instance label image, 0 = background, any positive ids).
+           A class file may also be a lossless class<k>.tiff or class<k>.png; lossy or other
+           formats with a class-like name are refused, never silently ignored.
 Test:      ROOT/test_release/<name>.tif and ROOT/test_image_name_to_ids.json
            (a list of {"file_name", "id", "height", "width"}).
 """
@@ -20,8 +22,10 @@ from cellseg.fileio import read_json
 
 IMAGE_FILE = "image.tif"
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
-_CLASS_FILE = re.compile(r"class([1-9][0-9]*)\.tif")
-_CLASS_LIKE = re.compile(r"class.*\.tiff?", re.IGNORECASE)
+MASK_SUFFIXES = (".tif", ".tiff", ".png")  # lossless label images only
+_CLASS_FILE = re.compile(r"class([1-9][0-9]*)\.(?i:tiff?|png)")
+# Any name that looks like a class mask: refused unless it is a valid _CLASS_FILE.
+_CLASS_LIKE = re.compile(r"class[^.]*\.(tiff?|png|jpe?g|bmp|gif|webp|npy|npz)", re.IGNORECASE)
 _GROUP_SUFFIX = re.compile(r"_[0-9]+$")
 
 
@@ -73,16 +77,21 @@ def list_sample_dirs(root: str | os.PathLike) -> list[Path]:
 
 
 def class_files_of(sample_dir: Path) -> dict[int, Path]:
-    """{k: path} of the class<k>.tif files in a sample folder; a class-like name that does not
-    parse as class<k>.tif with k >= 1 is an error (it would otherwise be silently ignored)."""
+    """{k: path} of the class<k>.tif / .tiff / .png files in a sample folder; a class-like name
+    that does not parse as one of those with k >= 1, or two files for one class, is an error
+    (it would otherwise be silently ignored)."""
     files: dict[int, Path] = {}
     for f in sorted(sample_dir.iterdir()):
         if not _CLASS_LIKE.fullmatch(f.name):
             continue
         match = _CLASS_FILE.fullmatch(f.name)
         if match is None:
-            raise DataError(f"{f}: unexpected class file name (expected class<k>.tif with k >= 1)")
-        files[int(match.group(1))] = f
+            raise DataError(f"{f}: unexpected class file name (expected class<k>.tif, .tiff or .png "
+                            f"with k >= 1; masks must be lossless)")
+        k = int(match.group(1))
+        if k in files:
+            raise DataError(f"{f}: a second mask file for class {k} (also {files[k].name})")
+        files[k] = f
     return files
 
 

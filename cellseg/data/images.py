@@ -5,19 +5,28 @@ inference see pixels the same way.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-from cellseg.errors import DataError
+from cellseg.errors import DataError, foreign_errors
 
 IMAGE_RULE = "rgb01-v1"
 """How `read_image` turns a file into float32 HxWx3 in [0, 1] (rule "rgb01-v1"):
 
 Channels: HxW or HxWx1 gray -> repeated to 3 channels; HxWx3 kept; HxWx4 -> first 3 channels
-(alpha or an unused 4th sample dropped, never composited); 2 channels -> error. Planar tif
-pages stored as (C, H, W) are moved to channel-last.
+(alpha or an unused 4th sample dropped, never composited); 2 channels -> error.
+Axes are never guessed: a TIFF's axes come from its own metadata (tifffile's series axes such
+as 'YXS', 'SYX', 'CYX', 'QYXS'); Y, X and at most one channel axis (S or C) are kept in that
+order, other axes must have size 1 (a one-pixel-high image stays 1 x W), and anything else
+(stacks, time series, two channel axes) is refused. Min-is-white TIFFs are inverted, palette
+TIFFs expanded through their colour map; other photometric interpretations (CMYK, CIELab) are
+refused. Images over MAX_IMAGE_PIXELS are refused from the header.
 Values (decided per image, after the channel step):
   * uint8: x / 255.
   * bool: False -> 0, True -> 1.
@@ -30,7 +39,21 @@ NaN or infinite pixels are an error.
 """
 
 STRETCH_PERCENTILES = (0.1, 99.9)
+MAX_IMAGE_PIXELS = 2**28
+"""Largest image (height x width, 268,435,456 = 16384^2 pixels) that `read_image` and
+`read_label_image` load whole. The declared size is checked from the file header before any
+pixel is decoded, so a huge or forged header is refused in one line instead of exhausting memory
+(the RGB float copy of such an image alone takes 3 GiB). Larger images are for tiled
+(whole-slide) inference, which reads them tile by tile."""
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+_CHANNEL_AXES = "SC"  # tifffile: S = samples of a pixel (RGB), C = channel planes
+_AXIS_NAMES = {"Q": "page", "I": "image", "Z": "depth", "T": "time", "C": "channel", "S": "sample",
+               "E": "lambda", "R": "tile", "P": "phase", "A": "angle", "L": "exposure", "V": "view",
+               "H": "lifetime", "M": "mosaic"}
+# TIFF photometric interpretations read as they are (JPEG-compressed YCbCr decodes to RGB).
+_PLAIN_PHOTOMETRIC = {1: "min-is-black", 2: "RGB", 6: "YCbCr"}
+_MINISWHITE, _PALETTE, _YCBCR = 0, 3, 6
+_JPEG_COMPRESSIONS = (6, 7)  # tifffile converts JPEG-compressed YCbCr to RGB; raw YCbCr it does not
 
 
 def _is_tiff(path: Path) -> bool:
@@ -48,28 +71,118 @@ def _check_file(path: Path) -> None:
         raise DataError(f"{path}: empty file (0 bytes)")
 
 
-def _read_tiff(path: Path) -> np.ndarray:
-    """First series of the tif, planar (C, H, W) pages moved to channel-last."""
+def _check_pixel_count(path: Path, height: int, width: int) -> None:
+    if height * width > MAX_IMAGE_PIXELS:
+        raise DataError(f"{path}: image declares {height} x {width} = {height * width:,} pixels, more than "
+                        f"the {MAX_IMAGE_PIXELS:,} (16384^2) read whole; tiled (whole-slide) inference "
+                        f"reads larger images")
+
+
+def _series_axes(tif, path: Path) -> tuple[str, tuple[int, ...]]:
+    """(axes, shape) of the first series from the TIFF's own metadata. When the series axes are
+    not a valid description (a repeated letter, as tifffile gives for some shaped files) and the
+    file has one page, the page's axes, read from its tags, describe the image."""
+    if not tif.pages or not tif.series:
+        raise DataError(f"{path}: corrupt or truncated TIFF (no readable image page)")
+    series = tif.series[0]
+    axes, shape = str(series.axes), tuple(int(n) for n in series.shape)
+    if len(set(axes)) != len(axes) or len(axes) != len(shape):
+        page = tif.pages.first
+        if int(np.prod(shape)) != int(np.prod(page.shape)):
+            raise DataError(f"{path}: TIFF axes {axes!r} for shape {shape} cannot be interpreted")
+        axes, shape = str(page.axes), tuple(int(n) for n in page.shape)
+    return axes, shape
+
+
+def _axis_plan(path: Path, axes: str, shape: tuple[int, ...]) -> list[int]:
+    """Positions of the axes to keep, in the order Y, X[, channel]; every other axis must have
+    size 1 and is dropped. Refuses what does not describe one 2-D image: stacks, time series,
+    more than one channel axis, more than 4 channels."""
+    if "Y" not in axes or "X" not in axes:
+        raise DataError(f"{path}: TIFF axes {axes!r} (shape {shape}) have no Y and X image axes")
+    channels = [i for i, a in enumerate(axes) if a in _CHANNEL_AXES and shape[i] > 1]
+    if len(channels) > 1:
+        raise DataError(f"{path}: TIFF has more than one channel axis (axes {axes!r}, shape {shape})")
+    for i, a in enumerate(axes):
+        if a not in "YX" + _CHANNEL_AXES and shape[i] > 1:
+            name = _AXIS_NAMES.get(a, a)
+            raise DataError(f"{path}: unsupported image shape {shape}: a stack of {shape[i]} images along "
+                            f"the {name} axis {a!r} (axes {axes!r}); cellseg reads one 2-D image per file")
+    if channels and shape[channels[0]] > 4:
+        raise DataError(f"{path}: unsupported image shape {shape} (axes {axes!r}): {shape[channels[0]]} "
+                        f"channels, expected 1, 3 or 4")
+    return [axes.index("Y"), axes.index("X"), *channels]
+
+
+def _select_axes(array: np.ndarray, axes: str, keep: list[int]) -> np.ndarray:
+    """Drop every axis not in `keep` (all of size 1) and order the rest Y, X[, channel]."""
+    index = tuple(slice(None) if i in keep else 0 for i in range(len(axes)))
+    kept_order = [i for i in range(len(axes)) if i in keep]
+    array = array[index]
+    return np.moveaxis(array, [kept_order.index(i) for i in keep], list(range(len(keep))))
+
+
+@contextlib.contextmanager
+def _quiet_tifffile() -> Iterator[None]:
+    """tifffile logs header inconsistencies as warnings on stderr; a cellseg command reports a
+    problem in one line (a DataError) or not at all, so its logger is muted while we read."""
+    logger = logging.getLogger("tifffile")
+    saved = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(saved)
+
+
+def _read_tiff(path: Path, as_labels: bool) -> np.ndarray:
+    """The first series of the tif as HxW or HxWxC, its axes mapped from the TIFF metadata."""
     import tifffile
 
-    with tifffile.TiffFile(path) as tif:
-        if not tif.pages or not tif.series:
-            raise DataError(f"{path}: corrupt or truncated TIFF (no readable image page)")
-        series = tif.series[0]
-        axes = series.axes
-        array = series.asarray()
-    # drop leading singleton axes (e.g. a 1-page 'IYXS' series)
-    while array.ndim > 2 and array.shape[0] == 1 and len(axes) > 2:
-        array, axes = array[0], axes[1:]
-    if array.ndim == 3 and axes[0] in "SC" and axes[-1] not in "SC":
-        array = np.moveaxis(array, 0, -1)
-    return array
+    with _quiet_tifffile(), tifffile.TiffFile(path) as tif:
+        axes, shape = _series_axes(tif, path)
+        keep = _axis_plan(path, axes, shape)
+        _check_pixel_count(path, shape[keep[0]], shape[keep[1]])
+        page = tif.pages.first
+        photometric = int(page.photometric)
+        if photometric == _YCBCR and int(page.compression) not in _JPEG_COMPRESSIONS and not as_labels:
+            raise DataError(f"{path}: YCbCr TIFF without JPEG compression is not supported (convert to RGB)")
+        array = tif.series[0].asarray().reshape(shape)
+        colormap = page.colormap if photometric == _PALETTE else None
+    array = _select_axes(array, axes, keep)
+    if as_labels:
+        return array  # ids are ids, whatever the photometric says
+    return _apply_photometric(path, array, photometric, colormap)
+
+
+def _apply_photometric(path: Path, array: np.ndarray, photometric: int, colormap) -> np.ndarray:
+    if photometric in _PLAIN_PHOTOMETRIC:
+        return array
+    if photometric == _MINISWHITE and array.ndim == 2 and (array.dtype == np.bool_ or np.issubdtype(array.dtype, np.unsignedinteger)):
+        return ~array if array.dtype == np.bool_ else np.iinfo(array.dtype).max - array
+    if photometric == _PALETTE and colormap is not None and array.ndim == 2 and np.issubdtype(array.dtype, np.integer):
+        rgb = np.moveaxis(np.asarray(colormap), 0, -1)[np.clip(array, 0, colormap.shape[1] - 1)]
+        return (rgb >> 8).astype(np.uint8) if rgb.max() > 255 else rgb.astype(np.uint8)
+    raise DataError(f"{path}: unsupported TIFF photometric interpretation {photometric} for "
+                    f"{array.dtype} {tuple(array.shape)} (supported: min-is-black, min-is-white, RGB, palette)")
+
+
+_PILLOW_LIMIT_LOCK = threading.Lock()
 
 
 def _read_pillow(path: Path) -> np.ndarray:
     from PIL import Image
 
-    with Image.open(path) as img:
+    # Pillow's own decompression-bomb limit is lower than ours and would refuse in its words; the
+    # declared size is checked against MAX_IMAGE_PIXELS instead, before decoding.
+    with _PILLOW_LIMIT_LOCK:
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            img = Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+    with img:
+        _check_pixel_count(path, img.height, img.width)
         img.load()  # forces decoding, so truncated files fail here
         if img.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
             img = img.convert("RGBA" if img.mode == "PA" or "transparency" in img.info else "RGB")
@@ -78,27 +191,18 @@ def _read_pillow(path: Path) -> np.ndarray:
         return np.asarray(img)
 
 
-def _read_raw(path: str | os.PathLike) -> tuple[Path, np.ndarray]:
-    """Decode the file into a numpy array, any DataError naming the file."""
+def _read_raw(path: str | os.PathLike, as_labels: bool = False) -> tuple[Path, np.ndarray]:
+    """Decode the file into HxW or HxWxC, any failure a one-line DataError naming the file."""
     path = Path(path)
     _check_file(path)
-    try:
-        array = _read_tiff(path) if _is_tiff(path) else _read_pillow(path)
-    except DataError:
-        raise
-    except MemoryError:
-        raise
-    except Exception as exc:  # tifffile / Pillow / imagecodecs raise many types
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DataError(f"{path}: cannot read image ({type(exc).__name__}: {msg})") from exc
+    with foreign_errors(path, "image"):
+        array = _read_tiff(path, as_labels) if _is_tiff(path) else _read_pillow(path)
     if array.size == 0:
         raise DataError(f"{path}: empty image (shape {tuple(array.shape)})")
     return path, array
 
 
 def _to_three_channels(path: Path, array: np.ndarray) -> np.ndarray:
-    if array.ndim == 3 and array.shape[-1] not in (1, 2, 3, 4) and array.shape[0] in (1, 3, 4):
-        array = np.moveaxis(array, 0, -1)  # channel-first from a non-tiff source
     if array.ndim == 2:
         return np.repeat(array[:, :, None], 3, axis=2)
     if array.ndim != 3:
@@ -150,7 +254,7 @@ def read_label_image(path: str | os.PathLike) -> np.ndarray:
     Any integer or float dtype is accepted; floats must be integer-valued. HxWx1 is squeezed.
     Negative ids, NaN and non-integer values are errors.
     """
-    path, array = _read_raw(path)
+    path, array = _read_raw(path, as_labels=True)
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[:, :, 0]
     if array.ndim != 2:
