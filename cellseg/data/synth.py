@@ -21,7 +21,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import tifffile
 
 from cellseg.data.coco import CocoImage, build_coco_gt
 from cellseg.errors import InputError, OutputExistsError
+from cellseg.fileio import ensure_writable_folder, make_temp_dir
 
 GENERATOR = "cellseg-synth-v1"
 CLASS_NAMES = ("class1", "class2", "class3", "class4")
@@ -332,8 +332,8 @@ def synthesize(
         raise OutputExistsError(f"{out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise OutputExistsError(f"{out}: folder exists and is not empty (pass --force to overwrite)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    ensure_writable_folder(out.parent)
+    tmp = make_temp_dir(out.parent, f".{out.name}.")
     try:
         _generate(tmp, n_train, n_test, seed, size, crowded)
         out.mkdir(exist_ok=True)
@@ -347,3 +347,181 @@ def synthesize(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+# ------------------------------------------------------------------------------ large slides
+SLIDE_IMAGE = "slide.tif"
+SLIDE_GT = "slide_gt.json"
+SLIDE_TILE = 512  # TIFF tile side; also the height of the bands the slide is rendered in
+SLIDE_LEVEL_FACTOR = 4  # each pyramid level is 4x smaller, down to at most 1024 px a side
+
+
+@dataclass(frozen=True)
+class _SlideCell:
+    cy: int
+    cx: int
+    r: int
+    k: int  # class 1..4
+    mask: np.ndarray  # (2r+1, 2r+1) bool, centred on (cy, cx)
+    colour: np.ndarray
+
+
+def _slide_cells(rng: np.random.Generator, side: int, crowded: bool) -> list[_SlideCell]:
+    """Cells inside an elliptic tissue region covering ~60% of the slide (the rest is glass),
+    some touching earlier ones as in _draw_cells."""
+    n = _cell_count(rng, side, side, crowded) * 6 // 10
+    weights = rng.dirichlet(np.full(4, 0.8))
+    cells: list[_SlideCell] = []
+    while len(cells) < n:
+        k = int(rng.choice(4, p=weights)) + 1
+        mask, r = _shape(rng, _CLASSES[k])
+        if cells and rng.random() < (0.6 if crowded else 0.35):
+            near = cells[int(rng.integers(len(cells)))]
+            dist, phi = (near.r + r) * rng.uniform(0.45, 0.9), rng.uniform(0, 2 * math.pi)
+            cy, cx = int(round(near.cy + dist * math.sin(phi))), int(round(near.cx + dist * math.cos(phi)))
+        else:
+            cy, cx = int(rng.integers(0, side)), int(rng.integers(0, side))
+        if ((cy - side / 2) / (0.48 * side)) ** 2 + ((cx - side / 2) / (0.42 * side)) ** 2 > 1:
+            continue
+        colour = np.array(_CLASSES[k].colour, np.float32) * np.float32(rng.uniform(0.85, 1.1))
+        cells.append(_SlideCell(cy, cx, r, k, mask, colour))
+    return cells
+
+
+def _band_labels(cells: list[_SlideCell], members: list[int], y0: int, h: int, w: int) -> np.ndarray:
+    """Label map (cell index + 1) of rows y0..y0+h, later cells over earlier ones."""
+    labels = np.zeros((h, w), np.int32)
+    for i in members:
+        c = cells[i]
+        _paint(labels, c.mask, c.cy - y0, c.cx, c.r, i + 1)
+    return labels
+
+
+def _band_pixels(rng: np.random.Generator, cells: list[_SlideCell], labels: np.ndarray) -> np.ndarray:
+    image = np.empty(labels.shape + (3,), np.float32)
+    image[:] = np.array([0.93, 0.82, 0.88], np.float32)
+    inside = labels > 0
+    if inside.any():
+        colours = np.array([np.zeros(3, np.float32)] + [c.colour for c in cells], np.float32)
+        speckle = np.array([0.0] + [_CLASSES[c.k].speckle for c in cells], np.float32)
+        image[inside] = colours[labels[inside]]
+        image[(rng.random(labels.shape) < speckle[labels]) & inside] *= 0.55
+        edge = np.zeros(labels.shape, bool)
+        edge[1:, :] |= labels[1:, :] != labels[:-1, :]
+        edge[:, 1:] |= labels[:, 1:] != labels[:, :-1]
+        image[edge & inside] *= 0.8
+    image += rng.normal(0, 0.02, image.shape).astype(np.float32)
+    return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+class _SlideRender:
+    """Renders the slide band by band, yielding TIFF tiles; keeps the small pyramid levels and
+    every cell's final pixels (as box-local crops) for the GT."""
+
+    def __init__(self, rng: np.random.Generator, side: int, cells: list[_SlideCell]) -> None:
+        self.rng, self.side, self.cells = rng, side, cells
+        self.steps = [SLIDE_LEVEL_FACTOR ** k for k in range(1, 8) if side / SLIDE_LEVEL_FACTOR ** (k - 1) > 1024]
+        self.levels = [np.zeros((math.ceil(side / s), math.ceil(side / s), 3), np.uint8) for s in self.steps]
+        self.crops: dict[int, np.ndarray] = {}
+        self._by_band: dict[int, list[int]] = {}
+        for i, c in enumerate(cells):
+            for b in range(max(0, (c.cy - c.r) // SLIDE_TILE), min(side - 1, c.cy + c.r) // SLIDE_TILE + 1):
+                self._by_band.setdefault(b, []).append(i)
+
+    def tiles(self):
+        t = SLIDE_TILE
+        for b, y0 in enumerate(range(0, self.side, t)):
+            h = min(t, self.side - y0)
+            labels = _band_labels(self.cells, self._by_band.get(b, []), y0, h, self.side)
+            pixels = _band_pixels(self.rng, self.cells, labels)
+            self._keep_crops(labels, y0)
+            for step, level in zip(self.steps, self.levels):
+                oy = (-y0) % step
+                level[(y0 + oy) // step:(y0 + oy) // step + len(range(oy, h, step))] = pixels[oy::step, ::step]
+            for x0 in range(0, self.side, t):
+                tile = np.zeros((t, t, 3), np.uint8)
+                part = pixels[:, x0:x0 + t]
+                tile[:part.shape[0], :part.shape[1]] = part
+                yield tile
+
+    def _keep_crops(self, labels: np.ndarray, y0: int) -> None:
+        for i in np.unique(labels[labels > 0]) - 1:
+            c = self.cells[i]
+            crop = self.crops.setdefault(int(i), np.zeros_like(c.mask))
+            ys = slice(max(0, c.cy - c.r - y0), min(labels.shape[0], c.cy + c.r + 1 - y0))
+            xs = slice(max(0, c.cx - c.r), min(self.side, c.cx + c.r + 1))
+            mine = labels[ys, xs] == i + 1
+            crop[ys.start + y0 - (c.cy - c.r):ys.stop + y0 - (c.cy - c.r), xs.start - (c.cx - c.r):xs.stop - (c.cx - c.r)] |= mine
+
+
+def crop_to_rle(crop: np.ndarray, y0: int, x0: int, height: int, width: int) -> dict:
+    """A box-local bool mask at (y0, x0) -> COCO RLE of the full height x width frame, without
+    allocating the frame. The crop must lie inside the frame."""
+    from pycocotools import mask as mask_util
+
+    h, w = crop.shape
+    cols = np.zeros((w, h + 2), bool)
+    cols[:, 1:-1] = crop.T
+    flat = cols.reshape(-1)
+    edges = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    rise, fall = edges[0::2], edges[1::2]
+    col = rise // (h + 2)
+    starts = (x0 + col) * height + y0 + (rise - col * (h + 2) - 1)
+    ends = starts + (fall - rise)
+    if starts.size:
+        joined = ends[:-1] == starts[1:]
+        starts, ends = starts[np.concatenate([[True], ~joined])], ends[np.concatenate([~joined, [True]])]
+    bounds = np.stack([starts, ends], axis=1).reshape(-1)
+    counts = np.diff(np.concatenate([[0], bounds, [height * width]])).astype(np.uint32)
+    if counts.size > 1 and counts[-1] == 0:
+        counts = counts[:-1]
+    rle = mask_util.frPyObjects([{"size": [height, width], "counts": counts}], height, width)[0]
+    return {"size": [height, width], "counts": rle["counts"].decode("ascii")}
+
+
+def _slide_gt(render: _SlideRender, side: int) -> dict:
+    annotations = []
+    for i in sorted(render.crops):
+        c, crop = render.cells[i], render.crops[i]
+        ys, xs = np.flatnonzero(crop.any(axis=1)), np.flatnonzero(crop.any(axis=0))
+        if ys.size == 0:
+            continue
+        tight = crop[ys[0]:ys[-1] + 1, xs[0]:xs[-1] + 1]
+        y0, x0 = c.cy - c.r + int(ys[0]), c.cx - c.r + int(xs[0])
+        annotations.append({"id": len(annotations) + 1, "image_id": 1, "category_id": c.k,
+                            "segmentation": crop_to_rle(tight, y0, x0, side, side), "area": int(tight.sum()),
+                            "bbox": [x0, y0, tight.shape[1], tight.shape[0]], "iscrowd": 0})
+    return {"images": [{"id": 1, "file_name": SLIDE_IMAGE, "height": side, "width": side}],
+            "annotations": annotations,
+            "categories": [{"id": k, "name": n} for k, n in enumerate(CLASS_NAMES, start=1)]}
+
+
+def synthesize_slide(out: str | os.PathLike, side: int, seed: int = 0, crowded: bool = False,
+                     force: bool = False) -> Path:
+    """out/slide.tif: a side x side RGB uint8 tiled (512 px, zlib) pyramidal TIFF (levels 4x
+    smaller as SubIFDs) of cells in an elliptic tissue region on glass, rendered in 512-row
+    bands (never the whole image in memory); out/slide_gt.json: its COCO GT (image id 1)."""
+    if side < 64:
+        raise InputError(f"--slide {side}: must be at least 64")
+    out = Path(out)
+    image_path, gt_path = out / SLIDE_IMAGE, out / SLIDE_GT
+    for p in (image_path, gt_path):
+        if p.exists() and not force:
+            raise OutputExistsError(f"{p}: already exists (pass --force to overwrite)")
+    ensure_writable_folder(out)
+    rng = np.random.default_rng(seed)
+    render = _SlideRender(rng, side, _slide_cells(rng, side, crowded))
+    from cellseg.fileio import atomic_write, atomic_write_json
+
+    atomic_write(image_path, lambda p: _write_slide_tiff(p, render), force=True)
+    atomic_write_json(gt_path, _slide_gt(render, side), force=True)
+    return out
+
+
+def _write_slide_tiff(path: Path, render: _SlideRender) -> None:
+    tile = (SLIDE_TILE, SLIDE_TILE)
+    with tifffile.TiffWriter(path, bigtiff=True) as tif:
+        tif.write(render.tiles(), shape=(render.side, render.side, 3), dtype=np.uint8, tile=tile,
+                  photometric="rgb", compression="zlib", subifds=len(render.levels))
+        for level in render.levels:
+            tif.write(level, tile=tile, photometric="rgb", compression="zlib", subfiletype=1)
