@@ -175,9 +175,9 @@ def backend_unavailable(model: Path, backend: str) -> CellsegError | None:
     load_predictor makes before it loads (runtime installed, artifacts present). None when the
     row can be tried."""
     from cellseg.artifacts import artifacts_present
-    from cellseg.pipeline import _backend_class
+    from cellseg.pipeline import backend_class
 
-    ok, reason = _backend_class(backend).is_available()
+    ok, reason = backend_class(backend).is_available()
     if not ok:
         return BackendUnavailableError(f"{backend} backend: {reason}")
     if model.is_file() and backend != "torch":

@@ -173,7 +173,9 @@ class Predictor:
 
 
 # ------------------------------------------------------------------------------------ loading
-def _backend_class(name: str):
+def backend_class(name: str):
+    """The Backend class of a backend name, imported only now (its runtime is optional); ask its
+    `is_available()` before loading anything."""
     if name == "torch":
         from cellseg.backends.torch_backend import TorchBackend
         return TorchBackend
@@ -197,7 +199,7 @@ def load_predictor(model: str | Path, backend: str | None = None, device: str = 
     onnxruntime; for torch, fp16 means CUDA autocast)."""
     _check_backend_name(backend)
     if backend is not None:  # name the missing runtime first: that is what the user must fix
-        ok, reason = _backend_class(backend).is_available()
+        ok, reason = backend_class(backend).is_available()
         if not ok:
             raise BackendUnavailableError(f"{backend} backend: {reason}")
     path = Path(model)
@@ -219,7 +221,7 @@ def load_predictor(model: str | Path, backend: str | None = None, device: str = 
         raise CheckpointError(f"{path}: export folder holds no model.pt, ONNX graphs or engines")
     reasons = []
     for name in candidates:
-        ok, reason = _backend_class(name).is_available()
+        ok, reason = backend_class(name).is_available()
         if ok:
             return _folder_predictor(path, info, name, device, precision, present[name])
         reasons.append(f"{name}: {reason}")

@@ -333,9 +333,9 @@ def test_cli_export_folder_without_cellseg_json_exits_3(tiny, tmp_path):
 
 
 def test_cli_only_unavailable_backends_exit_with_their_reason(tiny):
-    from cellseg.pipeline import _backend_class
+    from cellseg.pipeline import backend_class
 
-    trt_ok, _ = _backend_class("trt").is_available()
+    trt_ok, _ = backend_class("trt").is_available()
     if not trt_ok:  # asked only for a backend whose runtime is missing: 5, its reason
         result = _bench_cli(tiny["model"], "--data", tiny["data"], "--backends", "trt", "--device", "cpu")
         assert result.exit_code == 5, result.output
