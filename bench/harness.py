@@ -16,7 +16,9 @@ Per row (reference first, then each requested backend that can run here):
 - accuracy: COCO segm/bbox AP (cellseg.evaluate, maxDets sized from the GT) of the first pass;
 - parity: against the torch backend's results (the reference's when torch is not benchmarked):
   |ΔAP|, share of baseline instances matched (same class, mask IoU >= 0.95), mean IoU, max
-  score difference. A backend fails the run when |ΔAP| > max_map_drop or share < min_parity.
+  score difference. An FP32 backend row fails the run when |ΔAP| > max_map_drop or share <
+  min_parity; a reduced-precision row (`backend:fp16`, `backend:int8`) when |ΔAP| >
+  max_map_drop_reduced (its share is reported). The report names the fastest row that passes.
 
 Rows and failures:
 - A backend that cannot run here (its runtime is not installed, or the model holds no artifacts
@@ -42,12 +44,14 @@ from typing import Any
 from cellseg.bench.core import (MIN_PARITY, PARITY_IOU, environment_info, gate_failures,
                                 latency_stats_ms, parity_figures, stages_ms)
 from cellseg.bench.rows import (FAULT_ENV, RowFailure, RowPlan, RowRun, attempt_row,
-                                measure_in_child, one_line)
+                                measure_in_child, one_line, row_name)
 from cellseg.errors import (BackendUnavailableError, CellsegError, CheckpointError, DataError,
                             InputError, OutputExistsError, VerificationError)
 from cellseg.fileio import ensure_writable_folder, make_temp_dir
 
 REPORT_FILES = ("report.json", "report.md", "latency.png")
+# ΔAP gate of reduced-precision rows (fp16, int8): export's own INT8 gate (--max-map-drop there).
+DEFAULT_MAX_MAP_DROP_REDUCED = 0.01
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -128,10 +132,12 @@ def plan_bench(model: Path, data: Path, backends: Sequence[str], device: str, wa
     rows = [RowPlan("reference", "reference", model, device, fault=fault_of("reference"))] if reference else []
     skipped: list[dict[str, str]] = []
     unavailable: list[CellsegError] = []
-    for name in dict.fromkeys(backends):  # keep order, drop repeats
-        reason = backend_unavailable(model, name)
+    for spec in dict.fromkeys(backends):  # keep order, drop repeats
+        backend, precision = parse_row_spec(spec)
+        name = row_name(backend, precision)
+        reason = backend_unavailable(model, backend, precision)
         if reason is None:
-            rows.append(RowPlan(name, "backend", model, device, name, fault_of(name)))
+            rows.append(RowPlan(name, "backend", model, device, backend, fault_of(name), precision))
         else:
             unavailable.append(reason)
             skipped.append(skip_entry(name, reason))
@@ -145,12 +151,24 @@ def skip_entry(backend: str, err: CellsegError) -> dict[str, str]:
     return {"backend": backend, "reason": one_line(err), "error": type(err).__name__}
 
 
+def parse_row_spec(spec: str) -> tuple[str, str | None]:
+    """`backend` or `backend:precision` (e.g. `openvino:int8`) -> (backend, precision or None)."""
+    backend, colon, precision = spec.strip().partition(":")
+    return backend, (precision if colon else None)
+
+
 def _check_arguments(backends: Sequence[str], warmup: int, iters: int) -> None:
+    from cellseg.artifacts import PRECISIONS
     from cellseg.pipeline import backend_names
 
-    unknown = [b for b in backends if b not in backend_names()]
+    specs = [parse_row_spec(b) for b in backends]
+    unknown = [b for b, _ in specs if b not in backend_names()]
     if unknown or not backends:
-        raise InputError(f"backends {list(backends)!r}: each must be one of {', '.join(backend_names())}")
+        raise InputError(f"backends {list(backends)!r}: each must be one of {', '.join(backend_names())}, "
+                         f"optionally with :precision ({', '.join(PRECISIONS)})")
+    bad = [f"{b}:{p}" for b, p in specs if p is not None and p not in PRECISIONS]
+    if bad:
+        raise InputError(f"backends {', '.join(bad)}: unknown precision (valid: {', '.join(PRECISIONS)})")
     if warmup < 0 or iters < 1:
         raise InputError(f"need warmup >= 0 and iters >= 1 (got warmup={warmup}, iters={iters})")
 
@@ -170,11 +188,11 @@ def check_model(model: Path) -> None:
         load_checkpoint(model)  # read in full: a truncated file fails here
 
 
-def backend_unavailable(model: Path, backend: str) -> CellsegError | None:
-    """Why `backend` cannot run `model` here, without loading anything: the checks
-    load_predictor makes before it loads (runtime installed, artifacts present). None when the
-    row can be tried."""
-    from cellseg.artifacts import artifacts_present
+def backend_unavailable(model: Path, backend: str, precision: str | None = None) -> CellsegError | None:
+    """Why `backend` cannot run `model` (at `precision`) here, without loading anything: the
+    checks load_predictor makes before it loads (runtime installed, artifacts present). None when
+    the row can be tried."""
+    from cellseg.backends.base import backend_artifacts
     from cellseg.pipeline import backend_class
 
     ok, reason = backend_class(backend).is_available()
@@ -183,9 +201,12 @@ def backend_unavailable(model: Path, backend: str) -> CellsegError | None:
     if model.is_file() and backend != "torch":
         return InputError(f"{model}: a checkpoint runs only on the torch backend "
                           f"(make an export folder with `cellseg export` for {backend})")
-    present = artifacts_present(model) if model.is_dir() else {"torch": ["fp32"]}
+    present = backend_artifacts(model) if model.is_dir() else {"torch": ["fp32"]}
     if backend not in present:
         return InputError(f"{model}: export folder has no {backend} artifacts (present: {', '.join(present) or 'none'})")
+    # torch's fp16 is autocast of the same weights, which TorchBackend accepts or refuses itself.
+    if precision is not None and backend != "torch" and precision not in present[backend]:
+        return InputError(f"{model}: no {precision} artifacts for {backend} (present: {', '.join(present[backend])})")
     return None
 
 
@@ -201,7 +222,8 @@ def measure_rows(plan: BenchPlan, progress: bool, console: Any, isolate: bool = 
             task = bar.add_task(row.name, total=n_steps) if bar else None
             advance = (lambda done, task=task: bar.update(task, completed=done)) if bar else (lambda done: None)
             if isolate:
-                outcome = measure_in_child(row, plan.data, warmup, iters, Path(tmp) / f"{row.name}.pickle", advance)
+                result = Path(tmp) / f"{row.name.replace('/', '-')}.pickle"
+                outcome = measure_in_child(row, plan.data, warmup, iters, result, advance)
             else:
                 count = iter(range(1, n_steps + 1))
                 outcome = attempt_row(row, plan.data, warmup, iters, lambda: advance(next(count)))
@@ -224,7 +246,8 @@ def row_figures(run: RowRun, metrics: dict, parity: dict | None, reference_mean_
     sizes = [Path(p).stat().st_size for p in run.artifacts if Path(p).is_file()]
     mb = 1024.0 * 1024.0
     return {
-        "name": run.name, "kind": run.kind, "settings": run.settings,
+        "name": run.name, "kind": run.kind, "backend": run.backend,
+        "precision": str(run.settings.get("precision") or "fp32"), "settings": run.settings,
         "load_s": run.load_s, "timed_runs": timed, "instances": len(run.results),
         "latency_ms": lat,
         "throughput_ips": timed / total_s if total_s > 0 else 0.0,
@@ -241,16 +264,52 @@ def row_figures(run: RowRun, metrics: dict, parity: dict | None, reference_mean_
     }
 
 
-def parity_failures(rows: Sequence[dict], max_map_drop: float, min_parity: float = MIN_PARITY) -> list[str]:
-    """The gate (cellseg.bench.core.gate_failures) over the backend rows; the reference row is
-    reported, not gated."""
-    failures = []
-    for row in rows:
-        p = row.get("parity")
-        if row.get("kind") == "backend" and p:
-            failures += gate_failures(row["name"], p["baseline"], p["delta_ap"], p["matched_share"],
-                                      max_map_drop, min_parity, p.get("ref_count"), p.get("match_iou", PARITY_IOU))
-    return failures
+def row_gate_failures(row: dict, max_map_drop: float, min_parity: float = MIN_PARITY,
+                      max_map_drop_reduced: float = DEFAULT_MAX_MAP_DROP_REDUCED) -> list[str]:
+    """The gate (cellseg.bench.core.gate_failures) of one backend row. An FP32 row must compute
+    the baseline's answers: |ΔAP| <= max_map_drop and min_parity of its instances matched. A
+    reduced-precision row (fp16, int8) computes an approximation: only |ΔAP| <=
+    max_map_drop_reduced is gated, its matched share is reported. The reference row is reported,
+    not gated."""
+    p = row.get("parity")
+    if row.get("kind") != "backend" or not p:
+        return []
+    reduced = row.get("precision", "fp32") != "fp32"
+    return gate_failures(row["name"], p["baseline"], p["delta_ap"], p["matched_share"],
+                         max_map_drop_reduced if reduced else max_map_drop, 0.0 if reduced else min_parity,
+                         p.get("ref_count"), p.get("match_iou", PARITY_IOU))
+
+
+def parity_failures(rows: Sequence[dict], max_map_drop: float, min_parity: float = MIN_PARITY,
+                    max_map_drop_reduced: float = DEFAULT_MAX_MAP_DROP_REDUCED) -> list[str]:
+    """row_gate_failures over every row."""
+    return [f for row in rows for f in row_gate_failures(row, max_map_drop, min_parity, max_map_drop_reduced)]
+
+
+def fastest_in_gate(rows: Sequence[dict], baseline: str | None, max_map_drop: float, min_parity: float,
+                    max_map_drop_reduced: float) -> dict | None:
+    """The backend row with the lowest mean latency among those that pass their gate (the
+    baseline passes by definition): the row to deploy on this machine."""
+    passing = [r for r in rows if r.get("kind") == "backend" and r["timed_runs"] and
+               (r["name"] == baseline or (r.get("parity") and
+                                          not row_gate_failures(r, max_map_drop, min_parity, max_map_drop_reduced)))]
+    if not passing:
+        return None
+    best = min(passing, key=lambda r: r["latency_ms"]["mean"])
+    return {"row": best["name"], "mean_ms": best["latency_ms"]["mean"],
+            "speedup_vs_reference": best["speedup_vs_reference"],
+            "speedup_vs_onnxruntime_fp32": best.get("speedup_vs_onnxruntime_fp32"),
+            "delta_ap": (best.get("parity") or {}).get("delta_ap"),
+            "matched_share": (best.get("parity") or {}).get("matched_share")}
+
+
+def add_onnxruntime_speedups(rows: list[dict]) -> None:
+    """Each row's speed against onnxruntime FP32 (the CPU default the INT8 goal is stated against)."""
+    ort = next((r for r in rows if r.get("backend") == "onnxruntime" and r.get("precision") == "fp32"
+                and r["latency_ms"]["mean"] > 0), None)
+    for r in rows:
+        mean = r["latency_ms"]["mean"]
+        r["speedup_vs_onnxruntime_fp32"] = ort["latency_ms"]["mean"] / mean if ort and mean > 0 else None
 
 
 @dataclass
@@ -258,17 +317,19 @@ class Scores:
     rows: list[dict]
     baseline: str | None
     failures: list[str]
+    fastest: dict | None = None
 
 
 def score_rows(gt: dict, runs: list[RowRun], failed: list[RowFailure], max_map_drop: float,
-               min_parity: float) -> Scores:
+               min_parity: float, max_map_drop_reduced: float = DEFAULT_MAX_MAP_DROP_REDUCED) -> Scores:
     """COCO AP of every row, parity against the baseline (torch, else the reference), the gate;
     failed rows first among the failures."""
     from cellseg.evaluate import evaluate_coco
 
     metrics = {r.name: evaluate_coco(gt, r.results) for r in runs}
     by_name = {r.name: r for r in runs}
-    baseline = "torch" if "torch" in by_name else ("reference" if "reference" in by_name else None)
+    torch_fp32 = [r.name for r in runs if r.backend == "torch" and r.settings.get("precision", "fp32") == "fp32"]
+    baseline = torch_fp32[0] if torch_fp32 else ("reference" if "reference" in by_name else None)
     ref_mean = latency_stats_ms(by_name["reference"].latencies_s)["mean"] if "reference" in by_name else None
     rows = []
     for r in runs:
@@ -277,8 +338,11 @@ def score_rows(gt: dict, runs: list[RowRun], failed: list[RowFailure], max_map_d
             b = by_name[baseline]
             parity = parity_figures(baseline, b.results, metrics[baseline], r.results, metrics[r.name])
         rows.append(row_figures(r, metrics[r.name], parity, ref_mean))
-    failures = [f"{f.name}: {f.reason}" for f in failed] + parity_failures(rows, max_map_drop, min_parity)
-    return Scores(rows, baseline, failures)
+    add_onnxruntime_speedups(rows)
+    failures = [f"{f.name}: {f.reason}" for f in failed] + \
+        parity_failures(rows, max_map_drop, min_parity, max_map_drop_reduced)
+    fastest = fastest_in_gate(rows, baseline, max_map_drop, min_parity, max_map_drop_reduced)
+    return Scores(rows, baseline, failures, fastest)
 
 
 # ---------------------------------------------------------------------------------- report
@@ -302,6 +366,7 @@ def build_report(plan: BenchPlan, runs: list[RowRun], skipped: list[dict], faile
         "failed_rows": [{"row": f.name, "reason": f.reason,
                          "error": type(f.error).__name__ if f.error is not None else None} for f in failed],
         "failures": failures,
+        "fastest_in_gate": scores.fastest,
         "latencies_ms": {r.name: [1000.0 * s for s in r.latencies_s] for r in runs},
     }
 
@@ -309,8 +374,10 @@ def build_report(plan: BenchPlan, runs: list[RowRun], skipped: list[dict], faile
 def run_bench(model: Path, data: Path, backends: Sequence[str], device: str = "auto", warmup: int = 1,
               iters: int = 3, max_map_drop: float = 0.005, out: Path | None = None, force: bool = False,
               min_parity: float = MIN_PARITY, reference: bool = True, progress: bool = True,
-              console: Any = None, isolate: bool = True) -> dict:
+              console: Any = None, isolate: bool = True,
+              max_map_drop_reduced: float = DEFAULT_MAX_MAP_DROP_REDUCED) -> dict:
     """Benchmark `backends` (+ the reference row) on `data`: plan -> measure -> score -> report.
+    Each entry of `backends` is a backend name (its default precision) or `backend:precision`.
     Returns the report dict, whose "failures" lists one line per failed row or gate
     (`failure_error` turns them into the error to raise). Writes report.json, report.md and
     latency.png into `out` atomically when given."""
@@ -318,6 +385,8 @@ def run_bench(model: Path, data: Path, backends: Sequence[str], device: str = "a
 
     from cellseg.bench.report import print_report, write_report
 
+    if not (max_map_drop >= 0 and max_map_drop_reduced >= 0):
+        raise InputError(f"--max-map-drop {max_map_drop} and --max-map-drop-reduced {max_map_drop_reduced} must be >= 0")
     plan = plan_bench(model, data, backends, device, warmup, iters, out, force, reference)
     console = console or Console()
     outcomes = measure_rows(plan, progress, console, isolate)
@@ -325,8 +394,8 @@ def run_bench(model: Path, data: Path, backends: Sequence[str], device: str = "a
     failed = [o for o in outcomes if isinstance(o, RowFailure) and o.status == "failed"]
     skipped = plan.skipped + [skip_entry(o.name, o.error) for o in outcomes
                               if isinstance(o, RowFailure) and o.status == "skipped" and o.error is not None]
-    scores = score_rows(plan.data.gt, runs, failed, max_map_drop, min_parity)
-    settings = {"max_map_drop": max_map_drop, "min_parity": min_parity,
+    scores = score_rows(plan.data.gt, runs, failed, max_map_drop, min_parity, max_map_drop_reduced)
+    settings = {"max_map_drop": max_map_drop, "min_parity": min_parity, "max_map_drop_reduced": max_map_drop_reduced,
                 "rows_in": "one process per row" if isolate else "this process"}
     report = build_report(plan, runs, skipped, failed, scores, settings)
     print_report(report, console)

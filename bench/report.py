@@ -10,11 +10,11 @@ from typing import Any
 from cellseg.bench.core import fmt as _f
 from cellseg.bench.core import fmt_ms as _ms
 
-STAGE_ORDER = ("read", "preprocess", "backbone", "rpn", "roi_glue", "box_head", "mask_head",
+STAGE_ORDER = ("read", "preprocess", "backbone", "rpn", "roi_glue", "box_head", "mask_head", "mask_nms",
                "roi_heads", "paste", "paste_rle", "threshold_rle", "json", "other")
 
 SPEED_COLUMNS = ("row", "load s", "mean ms", "p50 ms", "p90 ms", "p99 ms", "min ms", "max ms",
-                 "img/s", "× ref", "RSS MB", "CUDA MB", "size MB")
+                 "img/s", "× ref", "× ort", "RSS MB", "CUDA MB", "size MB")
 ACCURACY_COLUMNS = ("row", "dets", "segm AP", "bbox AP", "ΔAP segm", "ΔAP bbox", "parity %",
                     "mean IoU", "max Δscore")
 
@@ -25,7 +25,8 @@ def speed_rows(report: dict) -> list[list[str]]:
         lat = row["latency_ms"]
         out.append([row["name"], _f(row["load_s"], ".2f"), _ms(lat["mean"]), _ms(lat["p50"]), _ms(lat["p90"]),
                     _ms(lat["p99"]), _ms(lat["min"]), _ms(lat["max"]), _f(row["throughput_ips"], ".2f"),
-                    _f(row["speedup_vs_reference"], ".2f"), _f(row["peak_rss_mb"], ".0f"),
+                    _f(row["speedup_vs_reference"], ".2f"), _f(row.get("speedup_vs_onnxruntime_fp32"), ".2f"),
+                    _f(row["peak_rss_mb"], ".0f"),
                     _f(row["peak_cuda_mb"], ".0f"), _f(row["artifact_mb"], ".1f")])
     return out
 
@@ -50,7 +51,7 @@ def stage_names(report: dict) -> list[str]:
 
 
 TERMINAL_SPEED = ("row", "load s", "mean ms", "p50 ms", "p90 ms", "p99 ms", "img/s", "× ref",
-                  "RSS MB", "CUDA MB", "size MB")
+                  "× ort", "RSS MB", "CUDA MB", "size MB")
 
 
 def machine_line(env: dict) -> str:
@@ -62,14 +63,35 @@ def machine_line(env: dict) -> str:
             f"({env.get('cpu_affinity')} usable, torch threads {env.get('torch_threads')}); GPU: {gpu}")
 
 
+def fastest_line(report: dict) -> str:
+    """Which row to deploy on this machine: the fastest one inside its ΔAP gate."""
+    best, s = report.get("fastest_in_gate"), report["settings"]
+    gate = (f"FP32 rows |ΔAP| ≤ {s['max_map_drop']:g} and ≥ {100 * s['min_parity']:g}% matched, "
+            f"fp16/int8 rows |ΔAP| ≤ {s.get('max_map_drop_reduced', s['max_map_drop']):g}")
+    if not best:
+        return f"fastest row inside the gate ({gate}): none"
+    delta = best.get("delta_ap") or {}
+    figures = [f"{_ms(best['mean_ms'])} ms mean"]
+    if best.get("speedup_vs_onnxruntime_fp32") is not None:
+        figures.append(f"{best['speedup_vs_onnxruntime_fp32']:.2f}× onnxruntime fp32")
+    if best.get("speedup_vs_reference") is not None:
+        figures.append(f"{best['speedup_vs_reference']:.2f}× reference")
+    if delta:
+        figures.append(f"ΔAP segm {_f(delta.get('segm'), '+.4f')}, bbox {_f(delta.get('bbox'), '+.4f')}")
+    if best.get("matched_share") is not None:
+        figures.append(f"{100 * best['matched_share']:.1f}% of the baseline's instances matched")
+    return f"fastest row inside the gate ({gate}): {best['row']}: " + ", ".join(figures)
+
+
 def print_report(report: dict, console: Any) -> None:
     """Two compact tables (every figure is in report.json / report.md)."""
     from rich import box
     from rich.table import Table
 
     d = report["data"]
+    optional = {"CUDA MB": "peak_cuda_mb", "× ort": "speedup_vs_onnxruntime_fp32"}
     columns = [c for c in TERMINAL_SPEED
-               if c != "CUDA MB" or any(r["peak_cuda_mb"] is not None for r in report["rows"])]
+               if c not in optional or any(r.get(optional[c]) is not None for r in report["rows"])]
     keep = [SPEED_COLUMNS.index(c) for c in columns]
     speed = [[r[i] for i in keep] for r in speed_rows(report)]
     titles = (f"cellseg bench: {d['images']} images x {report['settings']['iters']} pass(es), ms per image",
@@ -83,6 +105,7 @@ def print_report(report: dict, console: Any) -> None:
             table.add_row(*cells)
         console.print(table)
     console.print(f"machine: {machine_line(report['environment'])}", markup=False, highlight=False)
+    console.print(fastest_line(report), markup=False, highlight=False)
     for s in report["skipped"]:
         console.print(f"skipped {s['backend']}: {s['reason']}", markup=False, highlight=False)
     for f in report["failures"]:
@@ -98,18 +121,23 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def render_markdown(report: dict) -> str:
     env, s, d = report["environment"], report["settings"], report["data"]
+    fastest = fastest_line(report)
     v = env.get("versions", {})
     parts = [
         f"# cellseg bench — {report['started_utc']}",
         "",
         f"Machine: {machine_line(env)}; host {env.get('hostname')}, {env.get('platform')}.",
+        "",
+        f"**{fastest[0].upper()}{fastest[1:]}.**",
+        "",
         "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val) + ".",
         "",
         f"Model `{s['model']}`; data `{s['data']}`: {d['images']} images, {d['gt_instances']} GT instances "
         f"(at most {d['max_gt_instances_per_image']} per image). Device {s['device']}, warm-up "
         f"{s['warmup']}, {s['iters']} timed pass(es) over every image, one image at a time. Parity "
         f"baseline: {report['parity_baseline'] or '-'} (mask IoU ≥ {s['parity_iou']}, pass: "
-        f"|ΔAP| ≤ {s['max_map_drop']}, matched ≥ {100 * s['min_parity']:g}%). Rows measured in "
+        f"|ΔAP| ≤ {s['max_map_drop']}, matched ≥ {100 * s['min_parity']:g}%; fp16/int8 rows: |ΔAP| ≤ "
+        f"{s.get('max_map_drop_reduced', s['max_map_drop'])}, matched share reported). Rows measured in "
         f"{s.get('rows_in', 'one process')}.",
         "",
         "## Speed (latency per image, end to end: read → results → JSON)",

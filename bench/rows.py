@@ -44,6 +44,12 @@ class RowPlan:
     device: str
     backend: str | None = None
     fault: str = ""  # test hook (FAULT_ENV): "kill" or "raise" once loaded
+    precision: str | None = None  # None: the backend's default for the model
+
+
+def row_name(backend: str, precision: str | None) -> str:
+    """A backend row's name: the backend for its default precision, else `backend/precision`."""
+    return backend if precision is None else f"{backend}/{precision}"
 
 
 @dataclass
@@ -54,6 +60,7 @@ class RowRun:
     kind: str  # "reference" or "backend"
     settings: dict[str, Any]
     load_s: float
+    backend: str | None = None
     results: list[dict] = field(default_factory=list)
     latencies_s: list[float] = field(default_factory=list)
     stage_s: dict[str, float] = field(default_factory=dict)  # summed over timed images
@@ -86,7 +93,7 @@ def load_row(row: RowPlan) -> Any:
         return ReferencePipeline(row.model, resolve_device(row.device))
     from cellseg.pipeline import load_predictor
 
-    return load_predictor(row.model, row.backend, row.device)
+    return load_predictor(row.model, row.backend, row.device, precision=row.precision)
 
 
 def measure_row(row: RowPlan, data: BenchData, warmup: int, iters: int,
@@ -111,7 +118,7 @@ def measure_row(row: RowPlan, data: BenchData, warmup: int, iters: int,
             raise
         return RowFailure(row.name, "skipped", one_line(err), err)
     run = RowRun(row.name, row.kind, dict(pipeline.settings or {}), time.perf_counter() - t,
-                 rss_method=rss_method)
+                 backend=row.backend, rss_method=rss_method)
     _inject_test_fault(row.fault)
     n = len(data.image_paths)
     for i in range(warmup):
@@ -173,7 +180,8 @@ def row_artifacts(row: RowPlan, pipeline: Any) -> list[Path]:
 
 def artifact_files(model: Path, backend: str, settings: dict[str, Any]) -> list[Path]:
     """Artifacts of `backend` for `model` (checkpoint file or export folder)."""
-    from cellseg.artifacts import CHECKPOINT_COPY, artifacts_present, engine_paths, onnx_paths
+    from cellseg.artifacts import CHECKPOINT_COPY, engine_paths, onnx_paths
+    from cellseg.backends.base import backend_artifacts
 
     if model.is_file():
         return [model]
@@ -183,10 +191,10 @@ def artifact_files(model: Path, backend: str, settings: dict[str, Any]) -> list[
     if isinstance(named, dict):
         files = [model / str(v) for v in named.values()]
     else:
-        precisions = artifacts_present(model).get(backend, [])
+        precisions = backend_artifacts(model).get(backend, [])
         precision = settings.get("precision") if settings.get("precision") in precisions else \
             (precisions[0] if precisions else "fp32")
-        files = list((onnx_paths if backend == "onnxruntime" else engine_paths)(model, precision).values())
+        files = list((engine_paths if backend == "trt" else onnx_paths)(model, precision).values())
     # ONNX external-data files sit beside their graph.
     extra = [p for f in files for p in model.glob(f.name + "*") if p != f and p.is_file()]
     return [f for f in files + extra if f.is_file()]

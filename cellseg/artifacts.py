@@ -5,6 +5,8 @@ DIR/
   model.pt                         CHECKPOINT_COPY: the checkpoint (the torch backend runs the folder too)
   backbone.onnx box_head.onnx mask_head.onnx    FP32 dense graphs (onnx_paths(DIR, "fp32"))
   backbone.fp16.onnx ...           FP16 dense graphs (onnx_paths(DIR, "fp16"))
+  backbone.int8.onnx ...           INT8 QDQ dense graphs (onnx_paths(DIR, "int8")): per-channel INT8
+                                   weights, calibrated activations, some layers FP32 (cellseg.json says which)
   model.onnx                       END_TO_END_ONNX: the whole detector in one graph (not run by cellseg)
   backbone.fp32.engine ...         TensorRT engines (engine_paths), each with a sidecar JSON (sidecar_path)
 
@@ -59,7 +61,7 @@ EXPORT_JSON = "cellseg.json"
 CHECKPOINT_COPY = "model.pt"
 END_TO_END_ONNX = "model.onnx"
 METADATA_KEY = "cellseg"  # ONNX metadata_props key of the graph's {"metadata", "weights_sha256", ...}
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")
 
 
 def onnx_paths(folder: Path, precision: str = "fp32") -> dict[str, Path]:
@@ -77,10 +79,11 @@ def artifacts_present(folder: Path) -> dict[str, list[str]]:
     """Backend name -> precisions whose artifacts are all in the export folder (best first)."""
     folder = Path(folder)
     found: dict[str, list[str]] = {}
-    for precision in ("fp16", "fp32"):
+    # INT8 is lossy (verified within a ΔAP gate, not to float rounding): only when asked for.
+    for precision in ("fp16", "fp32", "int8"):
         if all(p.is_file() for p in engine_paths(folder, precision).values()):
             found.setdefault("trt", []).append(precision)
-    for precision in ("fp32", "fp16"):  # fp32 first: onnxruntime's CPU kernels are fp32
+    for precision in ("fp32", "fp16", "int8"):  # fp32 first: onnxruntime's CPU kernels are fp32
         if all(p.is_file() for p in onnx_paths(folder, precision).values()):
             found.setdefault("onnxruntime", []).append(precision)
     if (folder / CHECKPOINT_COPY).is_file():

@@ -3,6 +3,7 @@
 metadata (plain JSON):
   {"schema_version": 1, "model": ModelSpec.to_dict(), "training": {...summary...},
    "versions": {"torch", "torchvision", "cellseg", "python"}}
+  training.recipe (optional, checked when present): {"name": "cpu-scratch", "settings": {...}}
 train_state (only in RUN_DIR/last.pt): optimizer / scheduler / scaler state dicts, epoch, best
 metric, RNG states — tensors and plain data only, so `torch.load(weights_only=True)` reads it.
 Saved atomically (temporary file + rename); loading refuses anything the metadata does not describe.
@@ -73,12 +74,28 @@ def validate_metadata(metadata: Any, source: str) -> ModelSpec:
     for section in ("training", "versions"):
         if not isinstance(metadata.get(section, {}), dict):
             raise CheckpointError(f"{source}: metadata '{section}' is not a JSON object")
+    _check_recipe(metadata.get("training", {}).get("recipe"), source)
     try:
         return ModelSpec.from_dict(metadata["model"])
     except CheckpointError as err:
         raise CheckpointError(f"{source}: {err}") from None
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{source}: model metadata is invalid ({err})") from None
+
+
+def _check_recipe(recipe: Any, source: str) -> None:
+    """training.recipe (optional; checkpoints from before recipes lack it): {"name": str,
+    "settings": {...}} — the named recipe and every setting it chose, as the run used them."""
+    if recipe is None:
+        return
+    if not (isinstance(recipe, dict) and isinstance(recipe.get("name"), str)
+            and isinstance(recipe.get("settings"), dict)):
+        raise CheckpointError(f"{source}: metadata training.recipe must be {{\"name\": str, \"settings\": object}}")
+
+
+def recipe_of(metadata: dict[str, Any]) -> dict[str, Any] | None:
+    """The training recipe recorded in checkpoint metadata, or None (older checkpoints)."""
+    return metadata.get("training", {}).get("recipe")
 
 
 def _check_state_dict(state: Any, source: str) -> dict[str, Tensor]:

@@ -93,36 +93,54 @@ def data_synth(out: Path = typer.Argument(..., help="folder to create"),
 @command(app)
 def train(data: Path = typer.Argument(..., help="HW3 layout root (ROOT or ROOT/train)"),
           out: Path = typer.Option(..., "--out", help="run folder (last.pt, best.pt, metrics.jsonl)"),
-          arch: str = typer.Option("maskrcnn_resnet18_fpn", "--arch"),
-          epochs: int = typer.Option(12, "--epochs"), batch_size: int = typer.Option(2, "--batch-size"),
-          lr: float = typer.Option(1e-4, "--lr"), weight_decay: float = typer.Option(1e-4, "--weight-decay"),
+          recipe: Optional[str] = typer.Option(None, "--recipe", help="cpu-scratch | none (default: cpu-scratch "
+                                               "with --weights none, else none); options given here win"),
+          time_budget: Optional[str] = typer.Option(None, "--time-budget", help="wall-clock budget, e.g. 2h, "
+                                                    "90m, 45s: the LR schedule is fitted to it, best epoch kept"),
+          arch: Optional[str] = typer.Option(None, "--arch", help="default maskrcnn_resnet18_fpn"),
+          epochs: Optional[int] = typer.Option(None, "--epochs", help="default 12 (a cap of 1000 with --time-budget)"),
+          batch_size: Optional[int] = typer.Option(None, "--batch-size", help="default 2"),
+          lr: Optional[float] = typer.Option(None, "--lr", help="default 1e-4"),
+          weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="default 1e-4"),
           val_fraction: float = typer.Option(0.15, "--val-fraction"),
           device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
           weights: str = typer.Option("none", "--weights", help="none | default | PATH to a .pth state dict"),
           resume: bool = typer.Option(False, "--resume", help="continue from RUN_DIR/last.pt"),
           seed: int = typer.Option(0, "--seed"),
-          crop_size: int = typer.Option(0, "--crop-size", help="train on random crops of this side (0 = whole images)"),
+          crop_size: Optional[int] = typer.Option(None, "--crop-size", help="train on random crops of this side (0 = whole images)"),
           max_iters_per_epoch: int = typer.Option(0, "--max-iters-per-epoch", help="cap iterations per epoch (0 = all)"),
           scale: float = typer.Option(1.0, "--scale", help="resize factor applied to every image (1 = native pixels)"),
           workers: int = typer.Option(0, "--workers"),
-          scheduler: str = typer.Option("cosine", "--scheduler", help="cosine | multistep (per iteration)"),
+          scheduler: Optional[str] = typer.Option(None, "--scheduler", help="cosine | multistep (per iteration)"),
           warmup_iters: Optional[int] = typer.Option(None, "--warmup-iters",
                                                      help="linear LR warmup (default: min(1000, one epoch))"),
+          augment: Optional[str] = typer.Option(None, "--augment", help="basic | cells (scale + stain jitter)"),
+          repeat_factor_threshold: Optional[float] = typer.Option(
+              None, "--repeat-factor-threshold", help="LVIS repeat-factor sampling of rare-class crops (0 = off)"),
           cache: bool = typer.Option(False, "--cache", help="keep decoded training samples in memory"),
           quiet: bool = typer.Option(False, "--quiet", help="no progress bars or per-epoch lines"),
           model_set: list[str] = typer.Option([], "--set", help="model setting KEY=VALUE (a ModelSpec field, "
                                               "e.g. box_score_thresh=0.1); repeatable")):
     """Train Mask R-CNN; validation COCO AP every epoch; resumable."""
-    from cellseg.config import TrainConfig
+    import time
+
+    started_at = time.perf_counter()  # a --time-budget counts the imports below too
+    from cellseg.recipes import default_recipe, parse_duration, recipe_config
     from cellseg.train import fit
 
-    cfg = TrainConfig(data=str(data), out=str(out), arch=arch, epochs=epochs, batch_size=batch_size, lr=lr,
-                      weight_decay=weight_decay, val_fraction=val_fraction, device=device, weights=weights,
-                      resume=resume, seed=seed, workers=workers, crop_size=crop_size,
-                      max_iters_per_epoch=max_iters_per_epoch, scale=scale,
-                      model_overrides=tuple(_parse_settings(model_set).items()), scheduler=scheduler,
-                      warmup_iters=warmup_iters, progress=not quiet, cache=cache)
-    best = fit(cfg)
+    budget_s = parse_duration(time_budget) if time_budget is not None else 0.0
+    chosen = dict(arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                  crop_size=crop_size, scheduler=scheduler, warmup_iters=warmup_iters, augment=augment,
+                  repeat_factor_threshold=repeat_factor_threshold)
+    given = {k: v for k, v in chosen.items() if v is not None}
+    if budget_s and epochs is None:
+        given["epochs"] = 1000  # the budget ends the run; epochs only caps it
+    cfg = recipe_config(recipe or default_recipe(weights), dict(
+        given, data=str(data), out=str(out), val_fraction=val_fraction, device=device, weights=weights,
+        resume=resume, seed=seed, workers=workers, max_iters_per_epoch=max_iters_per_epoch, scale=scale,
+        model_overrides=tuple(_parse_settings(model_set).items()), progress=not quiet, cache=cache,
+        time_budget_s=budget_s))
+    best = fit(cfg, started_at)
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
         typer.echo(f"best checkpoint: {best}")
 
@@ -149,7 +167,9 @@ def infer(model: Path = typer.Argument(..., help="checkpoint .pt or export folde
           backend: Optional[str] = typer.Option(None, "--backend", help="torch | onnxruntime | trt"),
           id_map: Optional[Path] = typer.Option(None, "--id-map", help="test_image_name_to_ids.json"),
           device: str = typer.Option("auto", "--device"),
-          score_thresh: Optional[float] = typer.Option(None, "--score-thresh"),
+          score_thresh: Optional[float] = typer.Option(None, "--score-thresh", help="output floor: detections scoring "
+                                                       "below it get no mask and are not output (default: the "
+                                                       "model's score_floor)"),
           formats: str = typer.Option("coco", "--format", help="coco, geojson, labels: one or more, comma-separated"),
           out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="folder for per-image GeoJSON / label images (default: --out's folder)"),
           tile: Optional[int] = typer.Option(None, "--tile", help="tile side in px (default from the checkpoint)"),
@@ -158,20 +178,27 @@ def infer(model: Path = typer.Argument(..., help="checkpoint .pt or export folde
           resume: bool = typer.Option(False, "--resume", help="continue an interrupted run from its finished tiles"),
           overlays: Optional[Path] = typer.Option(None, "--overlays", help="write one PNG per image here"),
           force: bool = typer.Option(False, "--force", help="overwrite existing outputs"),
+          precision: Optional[str] = typer.Option(None, "--precision", help="fp32 | fp16 | int8 artifacts of an "
+                                                  "export folder (default: fp32 graphs, fp16 engines)"),
+          engine: str = typer.Option("local", "--engine", help="local | ray (Ray Data actors, one predictor each)"),
+          workers: Optional[int] = typer.Option(None, "--workers", help="ray: actors (default 2)"),
+          address: Optional[str] = typer.Option(None, "--address", help="ray: an existing cluster (default: a local one)"),
           quiet: bool = typer.Option(False, "--quiet")):
     """Images of any size in; COCO results JSON, QuPath GeoJSON and/or label images out."""
-    from cellseg.infer import (InferSettings, assign_image_ids, collect_inputs, infer_to_outputs,
-                               load_id_map_if_any, parse_formats, plan_outputs)
+    from cellseg.infer import (EngineSettings, InferSettings, assign_image_ids, check_engine, collect_inputs,
+                               load_id_map_if_any, parse_formats, plan_outputs, run_engine)
     from cellseg.pipeline import load_predictor
 
+    run_on = EngineSettings(engine.strip().lower(), workers, address)
+    check_engine(run_on)
     chosen = parse_formats(formats)
     paths = collect_inputs(inputs)
     plan = plan_outputs(paths, out, chosen, out_dir, overlays, force, resume)
     image_ids = assign_image_ids(paths, load_id_map_if_any(id_map))
-    predictor = load_predictor(model, backend=backend, device=device)
+    predictor = load_predictor(model, backend=backend, device=device, precision=precision)
     settings = InferSettings(score_thresh=score_thresh, tile=tile, overlap=overlap, skip_background=skip_background,
                              resume=resume, progress=not quiet, model_id=f"{Path(model).resolve()}|{predictor.backend_name}")
-    stats = infer_to_outputs(predictor, paths, image_ids, plan, settings)
+    stats = run_engine(run_on, predictor, model, device, paths, image_ids, plan, settings, precision)
     for note in stats.notes:
         typer.echo(f"cellseg: {note}", err=True)
     where = ", ".join(str(p) for p in ([plan.coco] if plan.coco else []) + ([plan.out_dir] if set(chosen) - {"coco"} else []))
@@ -235,35 +262,97 @@ def export(checkpoint: Path = typer.Argument(..., help="checkpoint .pt from cell
            opt_size: int = typer.Option(512, "--opt-size"),
            max_size: int = typer.Option(2560, "--max-size", help="largest image side for engine profiles"),
            max_rois: int = typer.Option(0, "--max-rois", help="0 = max(rpn_post_nms_top_n_test, box_detections_per_img); larger RoI batches are split"),
+           int8: bool = typer.Option(False, "--int8", help="also write INT8 QDQ graphs (and INT8 engines with --trt), calibrated on --calib"),
+           calib: Optional[Path] = typer.Option(None, "--calib", help="labelled data (HW3 root or COCO GT JSON) to calibrate and verify INT8 on"),
+           calib_images: int = typer.Option(16, "--calib-images", help="images of --calib to calibrate on"),
+           holdout_images: int = typer.Option(16, "--holdout-images", help="other images of --calib (other source images) to verify ΔAP on"),
+           max_map_drop: float = typer.Option(0.01, "--max-map-drop", help="refuse INT8 when it loses more segm AP than this against FP32"),
+           triton: Optional[Path] = typer.Option(None, "--triton", help="also write a Triton model repository "
+                                                 "here (as `cellseg export-triton OUT REPO`)"),
            force: bool = typer.Option(False, "--force")):
-    """ONNX graphs verified against PyTorch; TensorRT engines built from them."""
-    from cellseg.export.exporter import export_model
+    """ONNX graphs verified against PyTorch (INT8 ones by ΔAP); TensorRT engines built from them."""
+    from cellseg.export.exporter import Int8Request, export_model
+    from cellseg.export.int8 import QuantSettings
 
+    if triton is not None and triton.exists() and not force:  # before the export's minutes, not after
+        from cellseg.errors import OutputExistsError
+
+        raise OutputExistsError(f"{triton}: already exists (pass --force to overwrite)")
+    request = None
+    if int8:
+        settings = QuantSettings.for_target("tensorrt" if trt else "onnxruntime")
+        request = Int8Request(calib, calib_images, holdout_images, max_map_drop, settings)
     path = export_model(checkpoint, out, onnx=onnx, trt=trt, fp16=fp16, opset=opset, min_size=min_size,
-                        opt_size=opt_size, max_size=max_size, max_rois=max_rois, force=force)
+                        opt_size=opt_size, max_size=max_size, max_rois=max_rois, force=force, int8=request)
     typer.echo(f"wrote {path}")
+    if triton is not None:
+        from cellseg.export.triton_repo import write_triton_repo
+
+        typer.echo(f"wrote {write_triton_repo(path, triton, force=force)}")
 
 
 # ---------------------------------------------------------------------------------------- bench
 @command(app)
 def bench(model: Path = typer.Argument(..., help="checkpoint .pt or export folder"),
           data: Path = typer.Option(..., "--data", help="HW3 layout root or COCO GT JSON"),
-          backends: str = typer.Option("torch,onnxruntime,trt", "--backends"),
+          backends: str = typer.Option("torch,onnxruntime,openvino,trt", "--backends",
+                                       help="rows, comma-separated: BACKEND (its default precision) or "
+                                            "BACKEND:PRECISION (fp32|fp16|int8), e.g. openvino:int8"),
           device: str = typer.Option("auto", "--device"),
           warmup: int = typer.Option(1, "--warmup"), iters: int = typer.Option(1, "--iters"),
-          max_map_drop: float = typer.Option(0.005, "--max-map-drop"),
+          max_map_drop: float = typer.Option(0.005, "--max-map-drop", help="ΔAP gate of FP32 rows"),
+          max_map_drop_reduced: float = typer.Option(0.01, "--max-map-drop-reduced",
+                                                     help="ΔAP gate of fp16/int8 rows (matched share reported)"),
           out: Optional[Path] = typer.Option(None, "--out", help="report folder"),
-          force: bool = typer.Option(False, "--force")):
+          force: bool = typer.Option(False, "--force"),
+          reference: bool = typer.Option(True, "--reference/--no-reference",
+                                         help="also run the seed-style reference row (the slowest)")):
     """Speed and mAP parity of every available backend against PyTorch, in one table."""
     from cellseg.bench.harness import failure_error, run_bench
 
     report = run_bench(model, data, [b.strip() for b in backends.split(",") if b.strip()], device=device,
-                       warmup=warmup, iters=iters, max_map_drop=max_map_drop, out=out, force=force)
+                       warmup=warmup, iters=iters, max_map_drop=max_map_drop, out=out, force=force,
+                       max_map_drop_reduced=max_map_drop_reduced, reference=reference)
     for failure in report.get("failures", []):
         typer.echo(f"cellseg: bench: {failure}", err=True)
     error = failure_error(report)
     if error is not None:
         raise error
+
+
+# ---------------------------------------------------------------------------------------- serve
+@command(app)
+def serve(model: Path = typer.Argument(..., help="checkpoint .pt or export folder"),
+          backend: Optional[str] = typer.Option(None, "--backend", help="torch | onnxruntime | openvino | trt"),
+          precision: Optional[str] = typer.Option(None, "--precision", help="fp32 | fp16 | int8 artifacts"),
+          device: str = typer.Option("auto", "--device"),
+          host: str = typer.Option("127.0.0.1", "--host", help="address to listen on"),
+          http_port: int = typer.Option(8000, "--http-port"), grpc_port: int = typer.Option(8001, "--grpc-port"),
+          metrics_port: int = typer.Option(8002, "--metrics-port"),
+          instances: int = typer.Option(1, "--instances", help="model instances (one predictor each)"),
+          max_image_px: Optional[int] = typer.Option(None, "--max-image-px", help="largest image served, in pixels (default: one tile)"),
+          max_batch_size: int = typer.Option(8, "--max-batch-size", help="rows per dynamic batch")):
+    """A Triton Inference Server (PyTriton) with model `cellseg`: encoded image in, COCO results JSON out."""
+    from cellseg.serve import ServeSettings, serve as run_server
+
+    settings = ServeSettings(host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
+                             instances=instances, max_image_px=max_image_px, max_batch_size=max_batch_size)
+    run_server(model, backend=backend, device=device, settings=settings, on_ready=lambda line: typer.echo(line, err=True),
+               precision=precision)
+    typer.echo("cellseg: server stopped", err=True)
+
+
+@command(app, "export-triton")
+def export_triton(export_dir: Path = typer.Argument(..., help="export folder from cellseg export"),
+                  repo: Path = typer.Argument(..., help="Triton model repository to write"),
+                  precision: Optional[str] = typer.Option(None, "--precision", help="fp32 | fp16 (default: fp16 engines when built, else fp32 ONNX)"),
+                  max_batch_size: int = typer.Option(8, "--max-batch-size"),
+                  force: bool = typer.Option(False, "--force")):
+    """A Triton model repository for a GPU Triton container: dense graphs + a Python (BLS) glue model."""
+    from cellseg.export.triton_repo import write_triton_repo
+
+    path = write_triton_repo(export_dir, repo, precision=precision, max_batch_size=max_batch_size, force=force)
+    typer.echo(f"wrote {path}")
 
 
 # ----------------------------------------------------------------------------------------- demo

@@ -13,6 +13,8 @@ SCHEMA_VERSION = 1
 
 # The architectures `cellseg train --arch` accepts (built in cellseg.model).
 ARCHS = ("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2", "maskrcnn_resnet18_fpn")
+# Normalisation layer kinds a ModelSpec may name (see ModelSpec.norm).
+NORMS = ("bn", "gn")
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,17 @@ class ModelSpec:
     box_head_dim: int = 1024
     mask_head_channels: tuple[int, ...] = (256, 256, 256, 256)
     mask_thresh: float = 0.5
+    # Output floor at inference: a detection scoring below it gets no mask and is not output.
+    # Applied after torchvision's NMS and detection cap, before the mask head, so the mask head
+    # runs only on detections that are kept. Greedy NMS and the top-k cap commute with a score
+    # cut, so the detections kept are exactly those of an unfloored run scoring at least this.
+    # box_score_thresh stays the candidate cut inside torchvision (training's validation, the
+    # eager model); this one defaults for every checkpoint, old ones included.
+    score_floor: float = 0.1
+    # Mask-overlap suppression after paste + RLE: greedy by score, a detection whose mask has
+    # IoU above this with a kept one of the same class is dropped (torchvision's NMS compares
+    # boxes only). >= 1.0 turns it off.
+    mask_nms_thresh: float = 0.5
     # Instances per million pixels of the densest training image (after `scale`). At inference the
     # detection and proposal budgets above are minimums: an image gets at least 2x this density
     # times its own area, so a 1024 px tile of the same tissue as 256 px training crops keeps the
@@ -54,6 +67,13 @@ class ModelSpec:
     # its tile overlap at least this wide, so every object lies whole inside some tile.
     # 0 = not recorded (checkpoints from before it was).
     max_object_px: int = 0
+    # Normalisation layers: "bn" = BatchNorm2d where the arch has it (backbone; v2 also FPN and
+    # heads), frozen when fine-tuning; "gn" = GroupNorm (32 groups) in backbone, FPN and the conv
+    # heads (mask head; v2 box head), which trains from random init at any batch size (Wu & He 2018).
+    # Checkpoints from before this field are "bn".
+    norm: str = "bn"
+    # Share of positives among the RoIs sampled per image for the box/mask heads in training.
+    box_positive_fraction: float = 0.25
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -87,6 +107,15 @@ class ModelSpec:
             raise CheckpointError(f"unknown architecture {spec.arch!r} (known: {', '.join(ARCHS)})")
         if len(spec.class_names) != len(spec.category_ids):
             raise CheckpointError("model metadata: class_names and category_ids differ in length")
+        if spec.norm not in NORMS:
+            raise CheckpointError(f"model metadata: unknown norm {spec.norm!r} (known: {', '.join(NORMS)})")
+        if not 0.0 < float(spec.box_positive_fraction) <= 1.0:
+            raise CheckpointError(f"model metadata: box_positive_fraction {spec.box_positive_fraction!r} "
+                                  f"must lie in (0, 1]")
+        numbers = all(isinstance(v, (int, float)) for v in (spec.score_floor, spec.mask_nms_thresh))
+        if not numbers or not 0.0 <= spec.score_floor <= 1.0 or not spec.mask_nms_thresh >= 0.0:
+            raise CheckpointError(f"model metadata: score_floor {spec.score_floor!r} must lie in [0, 1] "
+                                  f"and mask_nms_thresh {spec.mask_nms_thresh!r} be >= 0")
         return spec
 
 
@@ -120,6 +149,16 @@ class TrainConfig:
     warmup_iters: int | None = None  # None = min(1000, one epoch)
     progress: bool = True  # progress bars and a line per epoch on stderr
     cache: bool = False  # keep decoded training samples in memory (masks bit-packed)
+    # Named recipe the settings came from (cellseg.recipes; "none" = plain options); recorded in
+    # the checkpoint metadata with the settings it chose.
+    recipe: str = "none"
+    augment: str = "basic"  # one of AUGMENTS (cellseg.data.dataset)
+    # LVIS repeat-factor sampling: a crop holding a class present in a share f < t of the training
+    # crops is seen max(1, sqrt(t / f)) times per epoch. 0 = off.
+    repeat_factor_threshold: float = 0.0
+    # Wall-clock budget of the run in seconds (0 = none): the LR schedule is fitted to it and the
+    # run stops in time for its last validation; `epochs` is then an upper bound.
+    time_budget_s: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

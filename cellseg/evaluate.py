@@ -117,7 +117,7 @@ def _prepared_results(results: Sequence[dict], iou_type: str) -> list[dict]:
 
 def summary_from_precision(precision: np.ndarray, iou_thrs: np.ndarray, cat_ids: Sequence[int],
                            cat_names: dict[int, str], max_dets: int) -> dict[str, Any]:
-    """AP, AP50, AP75 and per-class AP from a COCO precision array [T, R, K, A, M], at area
+    """AP, AP50, AP75, per-class AP and AP50 from a COCO precision array [T, R, K, A, M], at area
     'all' (index 0) and the largest maxDets (index -1). -1 entries (no GT) are left out of the
     means; a class without GT gets None; no GT at all gives None."""
     p = np.asarray(precision)[:, :, :, 0, -1]  # [T, R, K]
@@ -130,11 +130,13 @@ def summary_from_precision(precision: np.ndarray, iou_thrs: np.ndarray, cat_ids:
         hits = np.where(np.isclose(iou_thrs, thr))[0]
         return p[int(hits[0])]
 
+    at50 = at_iou(0.5)
     return {
         "AP": mean_valid(p),
-        "AP50": mean_valid(at_iou(0.5)),
+        "AP50": mean_valid(at50),
         "AP75": mean_valid(at_iou(0.75)),
         "per_class": {cat_names[int(c)]: mean_valid(p[:, :, k]) for k, c in enumerate(cat_ids)},
+        "per_class_AP50": {cat_names[int(c)]: mean_valid(at50[:, k]) for k, c in enumerate(cat_ids)},
         "max_dets": int(max_dets),
     }
 
@@ -145,7 +147,8 @@ def _empty_summary(gt: dict, max_dets: int) -> dict[str, Any]:
     per_class = {c["name"]: (0.0 if int(c["id"]) in with_gt else None)
                  for c in sorted(gt["categories"], key=lambda c: int(c["id"]))}
     ap = 0.0 if with_gt else None
-    return {"AP": ap, "AP50": ap, "AP75": ap, "per_class": per_class, "max_dets": int(max_dets)}
+    return {"AP": ap, "AP50": ap, "AP75": ap, "per_class": per_class, "per_class_AP50": dict(per_class),
+            "max_dets": int(max_dets)}
 
 
 def _cat_names(gt: dict) -> dict[int, str]:
@@ -160,7 +163,8 @@ def evaluate_coco(gt: dict, results: list[dict], iou_types: Sequence[str] = IOU_
                   max_dets: int | None = None, source: str = "results") -> dict[str, dict[str, Any]]:
     """Score COCO `results` against the COCO ground-truth dict `gt` with faster-coco-eval.
 
-    Returns {iou_type: {"AP", "AP50", "AP75", "per_class": {name: AP or None}, "max_dets": M}}.
+    Returns {iou_type: {"AP", "AP50", "AP75", "per_class": {name: AP or None},
+    "per_class_AP50": {name: AP50 or None}, "max_dets": M}}.
     maxDets is [1, 10, M], M = `max_dets` or `max_dets_for(gt)`. Raises InputError when a result
     names an image or category that is not in the GT, or lacks a mask when segm is evaluated;
     `source` (the results file) starts every message."""

@@ -12,21 +12,26 @@ Per-image outputs (GeoJSON, label images, overlays) are named by output_names: t
 or <parent folder>_<stem> when stems repeat (an HW3 root's image.tif files)."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from cellseg import tiling
-from cellseg.errors import InputError
+from cellseg.errors import BackendUnavailableError, InputError
 from cellseg.fileio import atomic_write_json, atomic_write_bytes, check_writable
 from cellseg.outputs import CLASS_COLOURS, FORMATS
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
+ENGINES = ("local", "ray")
+# Tile results computed elsewhere (another engine's workers): image index, its tile plan -> the
+# finished tiles by index; the driver merges and writes them exactly as it does its own.
+TileResultsFor = Callable[[int, tiling.TilePlan], dict[int, tiling.TileResult]]
 
 
 def collect_inputs(inputs: Sequence[str | Path]) -> list[Path]:
@@ -154,8 +159,9 @@ def plan_outputs(paths: Sequence[Path], out: Path, formats: Sequence[str], out_d
 
 # ------------------------------------------------------------------------------ streaming run
 def infer_to_outputs(predictor, paths: Sequence[Path], image_ids: Sequence[int], plan: OutputPlan,
-                     settings: InferSettings) -> InferenceStats:
-    """Run every image (tiled when large), streaming results into the planned outputs."""
+                     settings: InferSettings, computed: TileResultsFor | None = None) -> InferenceStats:
+    """Run every image (tiled when large), streaming results into the planned outputs. Tiles
+    that `computed` supplies are merged as they are; the predictor runs the rest."""
     from cellseg.outputs.coco import CocoResultsWriter
 
     stats = InferenceStats()
@@ -164,7 +170,7 @@ def infer_to_outputs(predictor, paths: Sequence[Path], image_ids: Sequence[int],
     try:
         with _Bar(settings.progress, len(paths)) as bar:
             for i, (path, image_id) in enumerate(zip(paths, image_ids)):
-                _infer_one(predictor, path, image_id, i, plan, settings, coco, stats, bar)
+                _infer_one(predictor, path, image_id, i, plan, settings, coco, stats, bar, computed)
                 bar.image_done()
         if coco is not None:
             coco.close()
@@ -175,6 +181,40 @@ def infer_to_outputs(predictor, paths: Sequence[Path], image_ids: Sequence[int],
     shutil.rmtree(plan.work, ignore_errors=True)
     _final_notes(stats, predictor)
     return stats
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """Where the predictions run: `local` (this process) or `ray` (Ray Data actors, one predictor
+    each, on this machine or the cluster at `address`); the outputs are the same."""
+    name: str = "local"
+    workers: int | None = None  # ray: actors (default 2)
+    address: str | None = None  # ray: an existing cluster (default: a local one for this run)
+
+
+def check_engine(engine: EngineSettings) -> None:
+    if engine.name not in ENGINES:
+        raise InputError(f"--engine {engine.name!r}: choose one of {', '.join(ENGINES)}")
+    if engine.name != "ray" and (engine.workers is not None or engine.address is not None):
+        raise InputError("--workers and --address need --engine ray")
+    if engine.workers is not None and engine.workers < 1:
+        raise InputError(f"--workers {engine.workers}: must be at least 1")
+    if engine.name == "ray" and importlib.util.find_spec("ray") is None:
+        raise BackendUnavailableError("--engine ray: ray is not installed; pip install 'cellseg[ray]'")
+
+
+def run_engine(engine: EngineSettings, predictor, model: Path, device: str, paths: Sequence[Path],
+               image_ids: Sequence[int], plan: OutputPlan, settings: InferSettings,
+               precision: str | None = None) -> InferenceStats:
+    """infer_to_outputs here, or with the tiles predicted by Ray workers that load `model`
+    themselves (this process's predictor still names the backend and merges and writes)."""
+    check_engine(engine)
+    if engine.name == "local":
+        return infer_to_outputs(predictor, paths, image_ids, plan, settings)
+    from cellseg.ray_engine import infer_with_ray
+
+    return infer_with_ray(predictor, model, device, paths, image_ids, plan, settings,
+                          workers=engine.workers or 2, address=engine.address, precision=precision)
 
 
 def _prepare_work(work: Path, resume: bool, stats: InferenceStats) -> None:
@@ -195,22 +235,43 @@ def _final_notes(stats: InferenceStats, predictor) -> None:
                            f"(--no-skip-background runs them)")
 
 
-def _infer_one(predictor, path: Path, image_id: int, index: int, plan: OutputPlan, settings: InferSettings,
-               coco, stats: InferenceStats, bar: "_Bar") -> None:
-    from cellseg.data.slides import ArraySource, open_image
+def open_planned(spec, path: Path, settings: InferSettings):
+    """(image source, its tile plan): the image opened for reading tile by tile."""
+    from cellseg.data.slides import open_image
 
-    tile, overlap = tiling.tile_settings(predictor.spec, settings.tile, settings.overlap)
+    tile, overlap = tiling.tile_settings(spec, settings.tile, settings.overlap)
     tiling.plan_tiles(tile, tile, tile, overlap)  # a bad --tile/--overlap fails before reading
-    t0 = time.perf_counter()
     source = open_image(path, whole_below=tile * tile)
+    return source, tiling.plan_tiles(source.height, source.width, tile, overlap)
+
+
+def image_tile_results(predictor, path: Path, image_id: int, settings: InferSettings) -> list[tiling.TileResult]:
+    """Every tile of one image through the predictor, unmerged: what a remote worker computes
+    for the driver's infer_to_outputs(computed=...)."""
+    source, tile_plan = open_planned(predictor.spec, path, settings)
+    try:
+        tiles = tile_plan.tiles()
+        keep = _tissue(source, tiles, settings)
+        return list(tiling.iter_tile_results(predictor, source, tile_plan, image_id, settings.score_thresh, tiles, keep))
+    finally:
+        source.close()
+
+
+def _infer_one(predictor, path: Path, image_id: int, index: int, plan: OutputPlan, settings: InferSettings,
+               coco, stats: InferenceStats, bar: "_Bar", computed: TileResultsFor | None = None) -> None:
+    from cellseg.data.slides import ArraySource
+
+    t0 = time.perf_counter()
+    source, tile_plan = open_planned(predictor.spec, path, settings)
     stats.seconds["read"] += time.perf_counter() - t0
     try:
-        tile_plan = tiling.plan_tiles(source.height, source.width, tile, overlap)
         _check_rle_size(path, tile_plan, plan)
+        given = computed(index, tile_plan) if computed is not None else {}
         writers = _image_writers(plan, index, tile_plan, predictor.spec)
         collected: list[dict] | None = [] if plan.overlay_path(index) is not None and isinstance(source, ArraySource) else None
         try:
-            _run_tiles(predictor, source, image_id, index, tile_plan, plan, settings, [coco, *writers], collected, stats, bar)
+            _run_tiles(predictor, source, image_id, index, tile_plan, plan, settings, [coco, *writers], collected, stats,
+                       bar, given)
             for w in writers:
                 w.close()
         except BaseException:
@@ -258,23 +319,26 @@ def _finish_image(predictor, source, index: int, plan: OutputPlan, collected: li
 
 def _run_tiles(predictor, source, image_id: int, index: int, tile_plan: tiling.TilePlan, plan: OutputPlan,
                settings: InferSettings, sinks: list, collected: list[dict] | None, stats: InferenceStats,
-               bar: "_Bar") -> None:
+               bar: "_Bar", given: dict[int, tiling.TileResult] | None = None) -> None:
     header = {"path": str(Path(source.path).resolve()), "image_id": int(image_id), "height": tile_plan.height,
               "width": tile_plan.width, "tile": tile_plan.tile, "overlap": tile_plan.overlap,
               "score_thresh": settings.score_thresh, "model": settings.model_id,
               "skip_background": settings.skip_background}
-    journal = TileJournal(plan.work / f"image{index:06d}.jsonl", header, settings.resume)
+    journal = TileJournal(journal_path(plan.work, index), header, settings.resume)
     merger = tiling.SeamMerger(tile_plan)
     tiles = tile_plan.tiles()
     bar.start_image(Path(source.path).name, len(tiles))
-    keep = _tissue(source, tiles, settings, stats)
+    keep: list[bool] | None = None  # judged only when a tile must run here (a thumbnail read)
     for tile in tiles:
         result = journal.finished.get(tile.index)
         if result is None:
-            t0 = time.perf_counter()
-            result = next(tiling.iter_tile_results(predictor, source, tile_plan, image_id, settings.score_thresh,
-                                                   [tile], keep))
-            stats.seconds["predict"] += time.perf_counter() - t0
+            result = (given or {}).get(tile.index)
+            if result is None:
+                keep = keep or _tissue(source, tiles, settings)
+                t0 = time.perf_counter()
+                result = next(tiling.iter_tile_results(predictor, source, tile_plan, image_id, settings.score_thresh,
+                                                       [tile], keep))
+                stats.seconds["predict"] += time.perf_counter() - t0
             journal.record(result)
         _account(result, stats)
         _emit(merger.add(result), sinks, collected, stats)
@@ -284,7 +348,7 @@ def _run_tiles(predictor, source, image_id: int, index: int, tile_plan: tiling.T
     journal.close()
 
 
-def _tissue(source, tiles: list, settings: InferSettings, stats: InferenceStats) -> list[bool]:
+def _tissue(source, tiles: list, settings: InferSettings) -> list[bool]:
     if not settings.skip_background or len(tiles) < 2:
         return [True] * len(tiles)
     thumb, step = source.thumbnail()
@@ -307,6 +371,40 @@ def _emit(entries: list[dict], sinks: list, collected: list[dict] | None, stats:
             sink.add(entries)
     if collected is not None:
         collected.extend(entries)
+
+
+def journal_path(work: Path, index: int) -> Path:
+    return work / f"image{index:06d}.jsonl"
+
+
+def journal_complete(path: Path) -> bool:
+    """Whether a journal (written by TileJournal) holds every tile of its image; a resumed run
+    need not send such an image to workers again (TileJournal still checks its header)."""
+    if not path.is_file():
+        return False
+    lines = path.read_text(encoding="utf-8").split("\n")
+    try:
+        header = json.loads(lines[0])
+        total = len(tiling.plan_tiles(header["height"], header["width"], header["tile"], header["overlap"]))
+    except (json.JSONDecodeError, KeyError, TypeError, InputError):
+        return False
+    done = set()
+    for line in lines[1:]:
+        try:
+            done.add(json.loads(line)["tile"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            break
+    return len(done) >= total
+
+
+def tile_record(result: tiling.TileResult) -> dict:
+    """A finished tile as plain JSON data (the journal's line; what a Ray worker sends back)."""
+    return {"tile": result.tile.index, "entries": result.entries, "cut": result.cut,
+            "largest_cut": result.largest_cut, "skipped": result.skipped}
+
+
+def tile_from_record(rec: dict, tiles: dict[int, tiling.Tile]) -> tiling.TileResult:
+    return tiling.TileResult(tiles[rec["tile"]], rec["entries"], rec["cut"], rec["largest_cut"], rec["skipped"])
 
 
 class TileJournal:
@@ -340,26 +438,20 @@ class TileJournal:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 break
-            self.finished[rec["tile"]] = tiling.TileResult(plan_tiles[rec["tile"]], rec["entries"], rec["cut"],
-                                                           rec["largest_cut"], rec["skipped"])
+            self.finished[rec["tile"]] = tile_from_record(rec, plan_tiles)
         self._rewrite_clean(lines[0])
 
     def _rewrite_clean(self, header_line: str) -> None:
         """Drop a torn last line so that appended records start on a line of their own."""
-        body = "\n".join([header_line] + [json.dumps(self._record(r)) for r in self.finished.values()]) + "\n"
+        body = "\n".join([header_line] + [json.dumps(tile_record(r)) for r in self.finished.values()]) + "\n"
         self.path.write_text(body, encoding="utf-8")
-
-    @staticmethod
-    def _record(result: tiling.TileResult) -> dict:
-        return {"tile": result.tile.index, "entries": result.entries, "cut": result.cut,
-                "largest_cut": result.largest_cut, "skipped": result.skipped}
 
     def _write(self, obj: dict) -> None:
         self._fh.write(json.dumps(obj) + "\n")
         self._fh.flush()
 
     def record(self, result: tiling.TileResult) -> None:
-        self._write(self._record(result))
+        self._write(tile_record(result))
 
     def close(self) -> None:
         self._fh.close()

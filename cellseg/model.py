@@ -4,6 +4,8 @@ Architectures (cellseg.config.ARCHS):
   maskrcnn_resnet50_fpn     torchvision's v1 layout (TwoMLPHead box head, 4x256 mask head)
   maskrcnn_resnet50_fpn_v2  torchvision's v2 layout (conv box head + BN, 4x256 mask head + BN)
   maskrcnn_resnet18_fpn     light: ResNet-18 + FPN, TwoMLPHead(spec.box_head_dim), narrow mask head
+spec.norm: "bn" (BatchNorm2d in the backbone; v2 also in FPN and heads) or "gn" (GroupNorm, 32
+groups, in backbone, FPN and the conv heads: trains from random init at any batch size).
 
 Mask head cost, multiply-accumulates per RoI (14x14 RoI features with 256 channels, 28x28 output,
 K classes; 3x3 convs on 14x14, 2x2 stride-2 deconv 14->28, 1x1 logits on 28x28):
@@ -55,6 +57,7 @@ LIGHT_MASK_HEAD = (128, 128)
 LIGHT_BOX_HEAD_DIM = 512
 MIN_ANCHOR = 8
 MIN_DETECTIONS = 1000
+GN_GROUPS = 32
 
 
 class NativeScaleTransform(GeneralizedRCNNTransform):
@@ -120,33 +123,53 @@ def _maskrcnn_kwargs(spec: ModelSpec) -> dict[str, Any]:
         box_detections_per_img=spec.box_detections_per_img,
         box_score_thresh=spec.box_score_thresh,
         box_nms_thresh=spec.box_nms_thresh,
+        box_positive_fraction=spec.box_positive_fraction,
     )
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm with 32 groups (Wu & He 2018's default), fewer when the channels do not divide."""
+    return nn.GroupNorm(math.gcd(GN_GROUPS, int(channels)), int(channels))
+
+
+def _norm_layers(spec: ModelSpec) -> tuple[Any, Any]:
+    """(backbone norm, FPN/head norm or None) for the spec's arch and `norm`."""
+    if spec.norm == "gn":
+        return group_norm, group_norm
+    if spec.norm != "bn":
+        raise CheckpointError(f"unknown norm {spec.norm!r} (known: bn, gn)")
+    return nn.BatchNorm2d, (nn.BatchNorm2d if spec.arch == "maskrcnn_resnet50_fpn_v2" else None)
 
 
 def _build_architecture(spec: ModelSpec, pretrained: bool) -> MaskRCNN:
     # Random init trains every backbone layer; from pretrained weights conv1+layer1 stay frozen,
-    # as torchvision does (trainable_backbone_layers=3). BatchNorm2d is used in all cases so a
-    # checkpoint's state dict always has the same keys (train.py freezes BN statistics when
-    # fine-tuning, which is what torchvision's FrozenBatchNorm2d does for v1).
+    # as torchvision does (trainable_backbone_layers=3). With norm "bn", BatchNorm2d is used in
+    # all cases so a checkpoint's state dict always has the same keys (train.py freezes BN
+    # statistics when fine-tuning, which is what torchvision's FrozenBatchNorm2d does for v1).
     trainable = 3 if pretrained else 5
     k = spec.num_classes
     ag = _anchor_generator(spec)
+    body_norm, neck_norm = _norm_layers(spec)
     if spec.arch == "maskrcnn_resnet50_fpn":
-        backbone = resnet_fpn_extractor(resnet50(weights=None), trainable)
+        backbone = resnet_fpn_extractor(resnet50(weights=None, norm_layer=body_norm), trainable, norm_layer=neck_norm)
         box_head = TwoMLPHead(backbone.out_channels * 7 * 7, spec.box_head_dim)
-        mask_head = MaskRCNNHeads(backbone.out_channels, list(spec.mask_head_channels), 1)
+        mask_head = MaskRCNNHeads(backbone.out_channels, list(spec.mask_head_channels), 1, norm_layer=neck_norm)
         rpn_head = RPNHead(backbone.out_channels, ag.num_anchors_per_location()[0])
     elif spec.arch == "maskrcnn_resnet50_fpn_v2":
-        backbone = resnet_fpn_extractor(resnet50(weights=None), trainable, norm_layer=nn.BatchNorm2d)
+        backbone = resnet_fpn_extractor(resnet50(weights=None, norm_layer=body_norm), trainable, norm_layer=neck_norm)
         box_head = FastRCNNConvFCHead((backbone.out_channels, 7, 7), [256, 256, 256, 256],
-                                      [spec.box_head_dim], norm_layer=nn.BatchNorm2d)
+                                      [spec.box_head_dim], norm_layer=neck_norm)
         mask_head = MaskRCNNHeads(backbone.out_channels, list(spec.mask_head_channels), 1,
-                                  norm_layer=nn.BatchNorm2d)
+                                  norm_layer=neck_norm)
         rpn_head = RPNHead(backbone.out_channels, ag.num_anchors_per_location()[0], conv_depth=2)
     elif spec.arch == LIGHT_ARCH:
-        backbone = resnet_fpn_extractor(resnet18(weights=None), trainable)
+        # From scratch with GN, each residual branch starts as identity (zero last-norm gain,
+        # Goyal et al. 2017), which steadies the first iterations without BN statistics.
+        body = resnet18(weights=None, norm_layer=body_norm, zero_init_residual=spec.norm == "gn" and not pretrained)
+        backbone = resnet_fpn_extractor(body, trainable, norm_layer=neck_norm)
+        # The box head stays two FC layers (no norm): a conv box head costs ~17x its MACs per RoI.
         box_head = TwoMLPHead(backbone.out_channels * 7 * 7, spec.box_head_dim)
-        mask_head = MaskRCNNHeads(backbone.out_channels, list(spec.mask_head_channels), 1)
+        mask_head = MaskRCNNHeads(backbone.out_channels, list(spec.mask_head_channels), 1, norm_layer=neck_norm)
         rpn_head = RPNHead(backbone.out_channels, ag.num_anchors_per_location()[0])
     else:
         raise InputError(f"unknown architecture {spec.arch!r} (known: {', '.join(ARCHS)})")

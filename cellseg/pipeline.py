@@ -23,17 +23,17 @@ from torch import Tensor, nn
 from torchvision.models.detection.roi_heads import maskrcnn_inference
 from torchvision.models.detection.rpn import concat_box_prediction_layers
 
-from cellseg.artifacts import (CHECKPOINT_COPY, artifacts_present, check_weights_hash, engine_paths, onnx_paths,
+from cellseg.artifacts import (CHECKPOINT_COPY, check_weights_hash, engine_paths, onnx_paths,
                                read_export_json)
-from cellseg.backends.base import BACKEND_PREFERENCE, Backend
+from cellseg.backends.base import BACKEND_PREFERENCE, Backend, backend_artifacts
 from cellseg.config import ModelSpec
 from cellseg.device import resolve_device
 from cellseg.errors import BackendUnavailableError, CheckpointError, InputError
 from cellseg.model import inference_budgets_applied
-from cellseg.postprocess import detections_to_coco
+from cellseg.postprocess import detections_to_coco, suppress_mask_overlaps
 from cellseg.roi_align import pool_rois, restore_order
 
-STAGES = ("preprocess", "backbone", "rpn", "box_head", "roi_glue", "mask_head", "paste_rle")
+STAGES = ("preprocess", "backbone", "rpn", "box_head", "roi_glue", "mask_head", "paste_rle", "mask_nms")
 ROI_CHUNK = 512  # RoIs per pooling + head call (see Predictor._box_heads)
 
 
@@ -77,7 +77,9 @@ class Predictor:
         return now
 
     @torch.no_grad()
-    def predict(self, image: np.ndarray) -> Detections:
+    def predict(self, image: np.ndarray, score_floor: float | None = None) -> Detections:
+        """One HxWx3 float image -> its detections scoring at least `score_floor` (None: the
+        spec's `score_floor`), masks computed only for those."""
         if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
             shape = getattr(image, "shape", type(image).__name__)
             raise InputError(f"predict expects an HxWx3 float image, got {shape}")
@@ -99,6 +101,7 @@ class Predictor:
             level_cache: dict[str, Tensor] = {}  # pool_rois' channels-last copies of the levels, per image
             class_logits, box_regression, t = self._box_heads(features, proposals[0], image_sizes, level_cache, t)
             boxes, scores, labels = heads.postprocess_detections(class_logits, box_regression, proposals, image_sizes)
+        boxes, scores, labels = self._above_floor(boxes[0], scores[0], labels[0], score_floor)
         if boxes[0].shape[0] > 0:
             mask_probs, t = self._mask_heads(features, boxes[0], labels[0], image_sizes, level_cache, t)
         else:  # no detections: nothing for the mask head to do (and engines have no 0-RoI profile)
@@ -110,26 +113,35 @@ class Predictor:
         return detections
 
     def predict_coco(self, image: np.ndarray, image_id: int, score_thresh: float | None = None) -> list[dict]:
-        """One image -> its COCO results entries: predict, keep detections scoring at least
-        `score_thresh`, then `to_coco`."""
-        det = self.predict(image)
-        keep = None if score_thresh is None else det.scores >= score_thresh
-        return self.to_coco(det, image_id, image.shape[:2], keep)
+        """One image -> its COCO results entries: `predict` with `score_thresh` as the score
+        floor (None: the spec's), then `to_coco`."""
+        return self.to_coco(self.predict(image, score_thresh), image_id, image.shape[:2])
 
     def to_coco(self, det: Detections, image_id: int, image_size: tuple[int, int],
                 keep: Tensor | None = None) -> list[dict]:
         """The one path from detections to COCO entries (infer, tiles, training's validation,
         bench, the GPU check): the rows selected by `keep` (a bool mask, all when None) through
-        the shared box-local paste + RLE at `image_size`, timed as the "paste_rle" stage. Boxes
-        must already be in that image's frame (tiles shift theirs first)."""
+        the shared box-local paste + RLE at `image_size`, timed as the "paste_rle" stage, then
+        mask-overlap suppression at the spec's `mask_nms_thresh` ("mask_nms"). Boxes must already
+        be in that image's frame (tiles shift theirs first)."""
         t = time.perf_counter()
         if keep is not None:
             det = Detections(boxes=det.boxes[keep], scores=det.scores[keep], labels=det.labels[keep],
                              mask_probs=det.mask_probs[keep])
         entries = detections_to_coco(image_id, det.boxes, det.scores, det.labels, det.mask_probs,
                                      image_size, self.spec.category_ids, self.spec.mask_thresh)
-        self.stage_seconds["paste_rle"] += time.perf_counter() - t
+        now = time.perf_counter()
+        self.stage_seconds["paste_rle"] += now - t
+        entries = suppress_mask_overlaps(entries, self.spec.mask_nms_thresh)
+        self.stage_seconds["mask_nms"] += time.perf_counter() - now
         return entries
+
+    def _above_floor(self, boxes: Tensor, scores: Tensor, labels: Tensor, score_floor: float | None):
+        """The detections scoring at least the floor, as one-image lists like
+        postprocess_detections returns (a score cut commutes with its NMS and top-k)."""
+        floor = self.spec.score_floor if score_floor is None else float(score_floor)
+        keep = scores >= floor
+        return [boxes[keep]], [scores[keep]], [labels[keep]]
 
     # RoIs go through pooling and a head ROI_CHUNK at a time: the heads are per RoI, so results do
     # not depend on it, while memory stays bounded on crowded images (2000 detections' pooled
@@ -182,6 +194,9 @@ def backend_class(name: str):
     if name == "onnxruntime":
         from cellseg.backends.onnxruntime_backend import OnnxRuntimeBackend
         return OnnxRuntimeBackend
+    if name == "openvino":
+        from cellseg.backends.openvino_backend import OpenVinoBackend
+        return OpenVinoBackend
     from cellseg.backends.tensorrt_backend import TensorRTBackend
     return TensorRTBackend
 
@@ -192,11 +207,13 @@ def _check_backend_name(backend: str | None) -> None:
 
 
 def load_predictor(model: str | Path, backend: str | None = None, device: str = "auto",
-                   precision: str | None = None) -> Predictor:
+                   precision: str | None = None, threads: int | None = None) -> Predictor:
     """model = checkpoint .pt (torch backend) or export folder (any backend whose artifacts it
-    holds; without `backend`, the first available of trt > onnxruntime > torch). `precision`
-    picks fp32/fp16 artifacts (default: fp16 engines for trt when built, fp32 graphs for
-    onnxruntime; for torch, fp16 means CUDA autocast)."""
+    holds; without `backend`, the first available in BACKEND_PREFERENCE). `precision` picks
+    fp32/fp16/int8 artifacts (default: fp16 engines for trt when built, fp32 graphs for
+    onnxruntime and openvino; for torch, fp16 means CUDA autocast). `threads`: intra-op threads of
+    the onnxruntime / openvino runtime (default: the physical cores), for several predictors
+    sharing one machine; the torch backend uses torch's process-wide setting."""
     _check_backend_name(backend)
     if backend is not None:  # name the missing runtime first: that is what the user must fix
         ok, reason = backend_class(backend).is_available()
@@ -212,7 +229,7 @@ def load_predictor(model: str | Path, backend: str | None = None, device: str = 
         return _torch_predictor(path, resolve_device(device), precision, expected_hash=None)
 
     info = read_export_json(path)
-    present = artifacts_present(path)
+    present = backend_artifacts(path)
     if backend is not None and backend not in present:
         raise InputError(f"{path}: export folder has no {backend} artifacts "
                          f"(present: {', '.join(present) or 'none'})")
@@ -223,7 +240,7 @@ def load_predictor(model: str | Path, backend: str | None = None, device: str = 
     for name in candidates:
         ok, reason = backend_class(name).is_available()
         if ok:
-            return _folder_predictor(path, info, name, device, precision, present[name])
+            return _folder_predictor(path, info, name, device, precision, present[name], threads)
         reasons.append(f"{name}: {reason}")
     raise BackendUnavailableError("; ".join(reasons))
 
@@ -242,7 +259,7 @@ def _torch_predictor(checkpoint: Path, device: torch.device, precision: str | No
 
 
 def _folder_predictor(folder: Path, info: dict[str, Any], name: str, device: str,
-                      precision: str | None, precisions: list[str]) -> Predictor:
+                      precision: str | None, precisions: list[str], threads: int | None = None) -> Predictor:
     from cellseg.model import build_model
 
     spec = ModelSpec.from_dict(info["metadata"].get("model") if isinstance(info["metadata"], dict) else None)
@@ -254,7 +271,12 @@ def _folder_predictor(folder: Path, info: dict[str, Any], name: str, device: str
         raise InputError(f"{folder}: no {chosen} artifacts for {name} (present: {', '.join(precisions)})")
     if name == "onnxruntime":
         from cellseg.backends.onnxruntime_backend import OnnxRuntimeBackend
-        be = OnnxRuntimeBackend(onnx_paths(folder, chosen), device=device, expected_hash=expected, precision=chosen)
+        be = OnnxRuntimeBackend(onnx_paths(folder, chosen), device=device, expected_hash=expected,
+                                intra_op_threads=threads, precision=chosen)
+    elif name == "openvino":
+        from cellseg.backends.openvino_backend import OpenVinoBackend
+        be = OpenVinoBackend(onnx_paths(folder, chosen), device=device, expected_hash=expected, threads=threads,
+                             precision=chosen)
     else:
         from cellseg.backends.tensorrt_backend import TensorRTBackend
         be = TensorRTBackend(engine_paths(folder, chosen), device=device, expected_hash=expected)

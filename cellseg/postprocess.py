@@ -117,6 +117,73 @@ def detections_to_coco(image_id: int, boxes: Tensor, scores: Tensor, labels: Ten
             for (x1, y1, x2, y2), score, label, rle in zip(box_list, score_list, label_list, rles)]
 
 
+def suppress_mask_overlaps(entries: Sequence[dict], iou_thresh: float) -> list[dict]:
+    """Greedy mask NMS over one image's COCO entries: in order of score (ties: input order), an
+    entry whose mask has IoU > `iou_thresh` with an already kept entry of the same category is
+    dropped. torchvision's NMS compares boxes; this catches same-cell duplicates whose boxes
+    differ while their masks agree. Only pairs whose masks' bounding boxes meet get an IoU
+    (others have IoU 0), so the cost grows with overlapping pairs, not with N^2 mask IoUs.
+    The kept entries keep their input order. `iou_thresh` >= 1 keeps everything."""
+    n = len(entries)
+    if n < 2 or iou_thresh >= 1.0:
+        return list(entries)
+    rles = [{"size": e["segmentation"]["size"], "counts": _as_bytes(e["segmentation"]["counts"])}
+            for e in entries]
+    cats = np.array([e["category_id"] for e in entries])
+    order = np.argsort(-np.array([e["score"] for e in entries], dtype=np.float64), kind="stable")
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(n)
+    suppressors = _overlapping_betters(rles, cats, rank, iou_thresh)
+    kept = np.zeros(n, dtype=bool)
+    for i in order.tolist():
+        kept[i] = not kept[suppressors.get(i, _NONE)].any()
+    return [e for e, k in zip(entries, kept.tolist()) if k]
+
+
+def duplicate_pairs(entries: Sequence[dict], iou_thresh: float = 0.5) -> int:
+    """How many pairs of one image's entries have the same category and mask IoU above
+    `iou_thresh` (what suppress_mask_overlaps at that threshold would start from)."""
+    if len(entries) < 2:
+        return 0
+    rles = [{"size": e["segmentation"]["size"], "counts": _as_bytes(e["segmentation"]["counts"])}
+            for e in entries]
+    cats = np.array([e["category_id"] for e in entries])
+    pairs = _overlapping_betters(rles, cats, np.arange(len(entries)), iou_thresh)
+    return sum(int(js.size) for js in pairs.values())
+
+
+_NONE = np.zeros(0, dtype=np.int64)
+_PAIR_ROWS = 256  # entries compared at once with their neighbours along x
+
+
+def _overlapping_betters(rles: list[dict], cats: np.ndarray, rank: np.ndarray,
+                         iou_thresh: float) -> dict[int, np.ndarray]:
+    """Per entry i: the entries j ranked before it, of its category, with mask IoU(i, j) above
+    `iou_thresh` (only entries that have any). Within a category, entries sorted by their
+    masks' left edge go in blocks against the window of entries whose x-extent can meet the
+    block's; pycocotools' IoU skips pairs whose bounding boxes do not meet before touching
+    their runs. So the work grows with the image's density, not with N^2."""
+    bbox = np.asarray(mask_util.toBbox(rles), dtype=np.float64).reshape(-1, 4)
+    out: dict[int, np.ndarray] = {}
+    for cat in np.unique(cats).tolist():
+        members = np.flatnonzero(cats == cat)
+        members = members[np.argsort(bbox[members, 0], kind="stable")]
+        left, right = bbox[members, 0], bbox[members, 0] + bbox[members, 2]
+        widest = float(bbox[members, 2].max())
+        for start in range(0, members.size, _PAIR_ROWS):
+            rows = members[start:start + _PAIR_ROWS]
+            lo = int(np.searchsorted(left, left[start] - widest, side="left"))
+            hi = int(np.searchsorted(left, right[start:start + _PAIR_ROWS].max(), side="left"))
+            cols = members[lo:hi]
+            ious = mask_util.iou([rles[i] for i in rows.tolist()], [rles[j] for j in cols.tolist()],
+                                 [0] * cols.size)
+            better = rank[cols][None] < rank[rows][:, None]
+            hits = (np.asarray(ious).reshape(rows.size, cols.size) > iou_thresh) & better
+            for r in np.flatnonzero(hits.any(axis=1)).tolist():
+                out[int(rows[r])] = cols[hits[r]]
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # input checks and torchvision's integer box arithmetic
 

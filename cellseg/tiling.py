@@ -151,7 +151,7 @@ def predict_tile(predictor, source, tile: Tile, plan: TilePlan, image_id: int,
                  score_thresh: float | None) -> TileResult:
     """One tile through the predictor; its owned detections as full-image COCO entries."""
     image = source.read(tile.y, tile.x, tile.h, tile.w)
-    det = predictor.predict(image)
+    det = predictor.predict(image, score_thresh)  # the floor: no mask head for what is dropped
     offset = torch.tensor([tile.x, tile.y, tile.x, tile.y], dtype=det.boxes.dtype)
     det = replace(det, boxes=det.boxes + offset)
     boxes = det.boxes

@@ -11,6 +11,13 @@
                  without a validation AP (no split, or one without instances) the latest epoch
   metrics.jsonl  one JSON line per finished epoch (losses, val metrics, lr, seconds), rewritten
                  atomically from the records kept in last.pt.
+Time budget (cfg.time_budget_s > 0): the run's total iterations, and so its cosine schedule, are
+fitted to the wall time left (measured seconds per iteration, and per epoch what validation and
+checkpoints cost beyond the iterations), first after CALIBRATION_ITERS timed iterations, then
+after every epoch; an epoch ends early when only its closing validation still fits. The plan and
+the time spent are in last.pt, so --resume goes on within the same budget.
+Recipes (cellseg.recipes) only fill TrainConfig; this module records `recipe_record(cfg)` in
+every checkpoint's metadata.training.recipe.
 The one entry point is the `cellseg train` command. Multi-GPU / multi-process: run it under
 `torchrun --nproc-per-node N -m cellseg train ...`; with WORLD_SIZE > 1 each process trains on its
 DistributedSampler shard (batch_size is per process) inside DistributedDataParallel (nccl on CUDA,
@@ -27,7 +34,7 @@ import random
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,12 +47,14 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from cellseg.checkpoint import Checkpoint, load_checkpoint, make_metadata, save_checkpoint, weights_hash
 from cellseg.config import ARCHS, SCHEDULERS, ModelSpec, TrainConfig
-from cellseg.data.dataset import CellDataset, SampleStats, collate, scan_samples
+from cellseg.data.dataset import (AUGMENTS, CellDataset, RepeatFactorSampler, SampleStats, collate, repeat_factors,
+                                  scan_samples)
 from cellseg.data.hw3 import class_names_of, find_train_root, list_sample_dirs, read_sample, split_train_val
 from cellseg.device import resolve_device
 from cellseg.errors import InputError, OutputError, OutputExistsError, TrainingError
 from cellseg.fileio import atomic_write_json, atomic_write_text
 from cellseg.model import build_model, spec_from_data
+from cellseg.recipes import RECIPES, recipe_record
 
 METRIC_KEYS = ("AP", "AP50", "AP75")
 
@@ -127,10 +136,12 @@ class _Progress:
 def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, device: torch.device,
                     epoch: int, scaler: torch.amp.GradScaler | None = None, max_iters: int = 0,
                     progress: bool = True, scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-                    title: str | None = None) -> dict[str, float]:
+                    title: str | None = None, after_iteration: Callable[[int], bool] | None = None
+                    ) -> dict[str, float]:
     """One pass over `loader` (at most `max_iters` iterations when > 0); the scheduler steps
-    every iteration. Returns the mean of each loss and of their sum ("loss"), averaged over
-    processes when distributed. The caller sets train mode."""
+    every iteration. `after_iteration(done)` is called after each iteration and ends the epoch
+    early by returning True (the time budget). Returns the mean of each loss and of their sum
+    ("loss"), averaged over processes when distributed. The caller sets train mode."""
     total = len(loader) if max_iters <= 0 else min(len(loader), max_iters)
     sums: dict[str, float] = {}
     bar = _Progress(total, title or f"epoch {epoch}", progress)
@@ -164,6 +175,8 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loader: 
             sums["loss"] = sums.get("loss", 0.0) + value
             done += 1
             bar.update(done, sums["loss"] / done)
+            if after_iteration is not None and after_iteration(done):
+                break
     finally:
         bar.close()
     if done == 0:
@@ -220,7 +233,7 @@ def evaluate(model: nn.Module, sample_dirs: Sequence[str | Path], device: torch.
 def _summary(metrics: dict[str, dict[str, Any]] | None) -> dict[str, Any] | None:
     if metrics is None:
         return None
-    return _finite_or_none({t: {k: m.get(k) for k in (*METRIC_KEYS, "per_class", "max_dets")}
+    return _finite_or_none({t: {k: m.get(k) for k in (*METRIC_KEYS, "per_class", "per_class_AP50", "max_dets")}
                             for t, m in metrics.items()})
 
 
@@ -255,6 +268,17 @@ def check_config(cfg: TrainConfig) -> None:
         refuse("--set", ", ".join(unknown), "unknown model setting (a ModelSpec field, e.g. box_score_thresh)")
     if cfg.scheduler not in SCHEDULERS:
         refuse("--scheduler", repr(cfg.scheduler), f"unknown scheduler (choose from {', '.join(SCHEDULERS)})")
+    if cfg.recipe not in RECIPES:
+        refuse("--recipe", cfg.recipe, f"unknown recipe (choose from {', '.join(RECIPES)})")
+    if cfg.augment not in AUGMENTS:
+        refuse("--augment", cfg.augment, f"unknown augmentation (choose from {', '.join(AUGMENTS)})")
+    if not (math.isfinite(cfg.repeat_factor_threshold) and 0.0 <= cfg.repeat_factor_threshold <= 1.0):
+        refuse("--repeat-factor-threshold", cfg.repeat_factor_threshold, "must lie in [0, 1] (0 = off)")
+    if not (math.isfinite(cfg.time_budget_s) and cfg.time_budget_s >= 0):
+        refuse("--time-budget", cfg.time_budget_s, "must be a positive duration (0 = none)")
+    if cfg.time_budget_s > 0 and _dist_env()[1] > 1:
+        refuse("--time-budget", f"{cfg.time_budget_s:g}s", "is not supported under torchrun (each process "
+               "would fit its own schedule); give --epochs instead")
 
 
 def _check_run_dir_writable(run_dir: Path) -> None:
@@ -273,17 +297,75 @@ def _check_run_dir_writable(run_dir: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------- fit
-def _lr_lambda(kind: str, total_iters: int, warmup_iters: int):
+def _lr_lambda(kind: str, total_iters: int | Callable[[], int], warmup_iters: int):
+    """LR factor per iteration. `total_iters` may be a function: a time-budgeted run refits its
+    length to the measured speed, and the schedule follows."""
     if kind not in SCHEDULERS:
         raise InputError(f"unknown scheduler {kind!r} (choose from {', '.join(SCHEDULERS)})")
-    milestones = (int(total_iters * 2 / 3), int(total_iters * 8 / 9))
+    total_of = total_iters if callable(total_iters) else (lambda: total_iters)
 
     def factor(it: int) -> float:
+        total = max(1, int(total_of()))
         warm = min(1.0, 0.001 + 0.999 * it / warmup_iters) if warmup_iters > 0 else 1.0
         if kind == "multistep":
-            return warm * 0.1 ** sum(it >= m for m in milestones)
-        return warm * 0.5 * (1.0 + math.cos(math.pi * min(it, total_iters) / max(1, total_iters)))
+            return warm * 0.1 ** sum(it >= m for m in (int(total * 2 / 3), int(total * 8 / 9)))
+        return warm * 0.5 * (1.0 + math.cos(math.pi * min(it, total) / total))
     return factor
+
+
+# ---------------------------------------------------------------------------------------- time budget
+CALIBRATION_ITERS = 10  # iterations timed before the first fit of the schedule
+BUDGET_MARGIN = 0.03  # share of the budget kept back for what the estimates miss (checkpoint writes)
+
+
+@dataclass
+class _Clock:
+    """Wall time of a budgeted run, and the measured cost of an iteration and of a validation.
+    `spent_before` is the committed time of earlier processes of the same run (resume)."""
+
+    budget_s: float
+    spent_before: float = 0.0
+    start: float = dataclasses.field(default_factory=time.perf_counter)
+    iter_times: list[float] = dataclasses.field(default_factory=list)
+    val_times: list[float] = dataclasses.field(default_factory=list)
+    last_tick: float | None = None
+
+    def elapsed(self) -> float:
+        return self.spent_before + time.perf_counter() - self.start
+
+    def remaining(self) -> float:
+        return self.budget_s * (1.0 - BUDGET_MARGIN) - self.elapsed()
+
+    def tick(self) -> None:
+        """After an iteration: its time since the previous tick (or the epoch's start)."""
+        now = time.perf_counter()
+        if self.last_tick is not None:
+            self.iter_times.append(now - self.last_tick)
+        self.last_tick = now
+
+    def seconds_per_iter(self) -> float | None:
+        """Median: robust to the first iteration of an epoch, which also starts the loader."""
+        return float(np.median(self.iter_times)) if self.iter_times else None
+
+
+def fit_total_iters(done_iters: int, iters_per_epoch: int, cap_iters: int, remaining_s: float,
+                    iter_s: float, val_s: float) -> int:
+    """The largest total iteration count whose remaining iterations, plus one validation at every
+    epoch end and one at the end of a last partial epoch, fit in `remaining_s`; at most
+    `cap_iters`, at least `done_iters`."""
+    def cost(extra: int) -> float:
+        end = done_iters + extra
+        validations = end // iters_per_epoch - done_iters // iters_per_epoch + (end % iters_per_epoch != 0)
+        return extra * iter_s + validations * val_s
+
+    lo, hi = 0, max(0, cap_iters - done_iters)
+    while lo < hi:  # cost grows with extra: binary search for the last extra that fits
+        mid = (lo + hi + 1) // 2
+        if cost(mid) <= remaining_s:
+            lo = mid
+        else:
+            hi = mid - 1
+    return done_iters + lo
 
 
 def _rng_state() -> dict[str, Any]:
@@ -327,8 +409,11 @@ def _run_config(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
     return cfg
 
 
-def fit(cfg: TrainConfig) -> Path:
-    """Train as `cfg` says; return the path of best.pt. See the module docstring."""
+def fit(cfg: TrainConfig, started_at: float | None = None) -> Path:
+    """Train as `cfg` says; return the path of best.pt. See the module docstring.
+    `started_at`: time.perf_counter() when the command started (a time budget counts from
+    there, imports included); default now."""
+    started_at = time.perf_counter() if started_at is None else started_at
     check_config(cfg)
     rank, world, local_rank = _dist_env()
     run_dir = Path(cfg.out)
@@ -344,7 +429,7 @@ def fit(cfg: TrainConfig) -> Path:
                                 timeout=datetime.timedelta(hours=2))
         own_group = True
     try:
-        return _fit(cfg, run_dir, device, rank, world)
+        return _fit(cfg, run_dir, device, rank, world, started_at)
     finally:
         if own_group:
             dist.destroy_process_group()
@@ -363,6 +448,14 @@ class _Data:
 
 
 @dataclass
+class _Plan:
+    """The run's length in iterations: epochs x iterations per epoch, or what fits the budget."""
+
+    cap_iters: int  # epochs x iterations per epoch
+    total_iters: int
+
+
+@dataclass
 class _Run:
     """Everything one training run holds between epochs."""
 
@@ -376,12 +469,14 @@ class _Run:
     model: nn.Module  # what is trained: core, or DistributedDataParallel(core)
     freeze_bn: bool
     train_ds: CellDataset
-    sampler: DistributedSampler
+    sampler: DistributedSampler | RepeatFactorSampler
     loader: DataLoader
     iters: int
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler | None
+    plan: _Plan
+    clock: _Clock | None = None  # only with a time budget
     start_epoch: int = 1
     best_ap: float | None = None
     best_epoch: int = 0
@@ -390,6 +485,11 @@ class _Run:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def done_iters(self) -> int:
+        """Iterations trained so far in the whole run (the scheduler steps once per iteration)."""
+        return int(self.scheduler.last_epoch)
 
     @property
     def progress(self) -> bool:
@@ -415,7 +515,19 @@ def _setup_data(cfg: TrainConfig, progress: bool) -> _Data:
     if progress and data.val and data.val_instances == 0:
         print(f"the validation split ({len(data.val)} images) has no instances: validation AP is undefined, "
               f"so the latest epoch counts as best", file=sys.stderr, flush=True)
+    missing = _classes_missing_from_val(data)
+    if progress and data.val_instances and missing:
+        print(f"the validation split has no instance of {', '.join(missing)}: validation AP averages the "
+              f"other classes only (another --seed or --val-fraction gives another split)", file=sys.stderr, flush=True)
     return data
+
+
+def _classes_missing_from_val(data: _Data) -> list[str]:
+    seen = set()
+    for s in data.val:
+        if s.labels is not None:
+            seen.update(int(v) for v in s.labels)
+    return [name for i, name in enumerate(data.class_names, start=1) if i not in seen]
 
 
 def _spec_from_training_data(cfg: TrainConfig, data: _Data) -> ModelSpec:
@@ -453,20 +565,31 @@ def _build_run(cfg: TrainConfig, run_dir: Path, device: torch.device, rank: int,
     if world > 1:
         model = nn.parallel.DistributedDataParallel(core, device_ids=[device.index] if device.type == "cuda" else None)
     train_ds = CellDataset([s.sample_dir for s in data.train], data.class_names, augment=True,
-                           crop_size=cfg.crop_size, seed=cfg.seed, cache=cfg.cache)
-    # DistributedSampler with one replica is a seeded, epoch-dependent shuffle: a resumed run
-    # sees the same order as an uninterrupted one.
-    sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
+                           crop_size=cfg.crop_size, seed=cfg.seed, cache=cfg.cache, mode=cfg.augment)
+    sampler = _train_sampler(cfg, data, train_ds, rank, world)
     loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
                         collate_fn=collate, pin_memory=device.type == "cuda")
     iters = len(loader) if cfg.max_iters_per_epoch <= 0 else min(len(loader), cfg.max_iters_per_epoch)
     warmup = cfg.warmup_iters if cfg.warmup_iters is not None else min(1000, iters)
     optimizer = torch.optim.AdamW([p for p in core.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.scheduler, iters * cfg.epochs, warmup))
+    plan = _Plan(iters * cfg.epochs, iters * cfg.epochs)
+    schedule = _lr_lambda(cfg.scheduler, lambda: plan.total_iters, warmup)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
     return _Run(cfg, run_dir, device, rank, world, spec, core, model, freeze_bn, train_ds, sampler, loader, iters,
-                optimizer, scheduler, scaler)
+                optimizer, scheduler, scaler, plan)
+
+
+def _train_sampler(cfg: TrainConfig, data: _Data, train_ds: CellDataset, rank: int,
+                   world: int) -> DistributedSampler | RepeatFactorSampler:
+    """Seeded, epoch-dependent order (a resumed run sees the same order as an uninterrupted
+    one); with a repeat-factor threshold, crops holding rare classes come more often."""
+    if cfg.repeat_factor_threshold > 0:
+        labels = [s.labels if s.labels is not None else np.zeros(0, np.int64) for s in data.train]
+        factors = repeat_factors(labels, len(data.class_names), cfg.repeat_factor_threshold)
+        return RepeatFactorSampler(factors, num_replicas=world, rank=rank, seed=cfg.seed)
+    return DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
 
 
 def _resume(run: _Run, ckpt: Checkpoint) -> None:
@@ -478,6 +601,12 @@ def _resume(run: _Run, ckpt: Checkpoint) -> None:
         run.scaler.load_state_dict(ts["scaler"])
     run.start_epoch = int(ts["epoch"]) + 1
     run.best_ap, run.best_epoch = ts.get("best_ap"), int(ts.get("best_epoch", 0))
+    run.plan.total_iters = int(ts.get("total_iters", run.plan.total_iters))
+    if run.clock is not None:
+        run.clock.spent_before = float(ts.get("elapsed_s", 0.0))
+        run.clock.val_times = [float(v) for v in ts.get("val_seconds", [])]
+        if ts.get("iter_seconds") is not None:  # the speed measured before: refit the plan at once
+            run.clock.iter_times = [float(ts["iter_seconds"])]
     run.records = list(ts.get("records", []))
     if run.is_main:
         _set_rng_state(ts["rng"])
@@ -488,33 +617,90 @@ def _resume(run: _Run, ckpt: Checkpoint) -> None:
         print(f"resuming {run.run_dir} at epoch {run.start_epoch}/{run.cfg.epochs}", file=sys.stderr, flush=True)
 
 
-def _fit(cfg: TrainConfig, run_dir: Path, device: torch.device, rank: int, world: int) -> Path:
+def _fit(cfg: TrainConfig, run_dir: Path, device: torch.device, rank: int, world: int, started_at: float) -> Path:
+    clock = _Clock(cfg.time_budget_s, start=started_at) if cfg.time_budget_s > 0 else None
     data = _setup_data(cfg, cfg.progress and rank == 0)
     ckpt = load_checkpoint(run_dir / "last.pt") if cfg.resume else None
     if ckpt is not None and ckpt.train_state is None:
         raise TrainingError(f"{run_dir / 'last.pt'}: has no train_state, cannot resume from it")
     run = _build_run(cfg, run_dir, device, rank, world, data, ckpt)
+    run.clock = clock
     if ckpt is not None:
         _resume(run, ckpt)
+        _refit_plan(run, data)  # the time left is what the earlier processes did not spend
     elif run.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(run_dir / "config.json", cfg.to_dict(), indent=2)
     for epoch in range(run.start_epoch, cfg.epochs + 1):
+        if run.done_iters >= run.plan.total_iters:  # the budget's schedule has run its course
+            break
         t0 = time.perf_counter()
-        losses = _train_epoch(run, epoch)
+        timed_before = len(run.clock.iter_times) if run.clock is not None else 0
+        losses = _train_epoch(run, data, epoch)
         if run.is_main:
             _validate_and_checkpoint(run, data, epoch, losses, t0)
         if dist.is_initialized():
             dist.barrier()
+        if run.clock is not None:
+            # What an epoch costs beyond its iterations: validation, checkpoint writes, loader start.
+            run.clock.val_times.append(time.perf_counter() - t0 - sum(run.clock.iter_times[timed_before:]))
+        _refit_plan(run, data)
     return _finish(run)
 
 
-def _train_epoch(run: _Run, epoch: int) -> dict[str, float]:
+def _train_epoch(run: _Run, data: _Data, epoch: int) -> dict[str, float]:
     run.sampler.set_epoch(epoch)
     run.train_ds.set_epoch(epoch)
     _set_train_mode(run.model, run.core, run.freeze_bn)
-    return train_one_epoch(run.model, run.optimizer, run.loader, run.device, epoch, run.scaler, run.iters,
-                           run.progress, run.scheduler, title=f"epoch {epoch}/{run.cfg.epochs}")
+    max_iters = min(run.iters, run.plan.total_iters - run.done_iters)
+    after = _budget_watch(run, data) if run.clock is not None else None
+    return train_one_epoch(run.model, run.optimizer, run.loader, run.device, epoch, run.scaler, max_iters,
+                           run.progress, run.scheduler, title=f"epoch {epoch}/{run.cfg.epochs}",
+                           after_iteration=after)
+
+
+def _budget_watch(run: _Run, data: _Data) -> Callable[[int], bool]:
+    """Per-iteration check of a budgeted run: times the iteration, fits the schedule once the
+    first iterations are timed, and ends the epoch when the plan is done or when the time left
+    holds only one more iteration and the closing validation."""
+    clock = run.clock
+    assert clock is not None
+    clock.last_tick = time.perf_counter()
+
+    def after(done: int) -> bool:
+        clock.tick()
+        if len(clock.iter_times) == CALIBRATION_ITERS:
+            _refit_plan(run, data)
+        if run.done_iters >= run.plan.total_iters:
+            return True
+        if clock.remaining() < _validation_estimate(run, data) + (clock.seconds_per_iter() or 0.0):
+            run.plan.total_iters = run.done_iters  # out of time before the plan's end: the run ends here
+            return True
+        return False
+    return after
+
+
+def _validation_estimate(run: _Run, data: _Data) -> float:
+    """Seconds an epoch costs beyond its iterations (validation, checkpoint writes, loader
+    start): the largest of the last two measured; before any, as long as training on as many
+    images as the validation split holds (inference of an untrained model, with its many
+    low-score detections, costs about that)."""
+    clock = run.clock
+    if clock is None:
+        return 0.0
+    if clock.val_times:
+        return max(clock.val_times[-2:])
+    per_image = (clock.seconds_per_iter() or 0.0) / max(1, run.cfg.batch_size)
+    return len(data.val) * per_image
+
+
+def _refit_plan(run: _Run, data: _Data) -> None:
+    """Fit the run's total iterations (and so the cosine length) to the time left."""
+    clock = run.clock
+    if clock is None or clock.seconds_per_iter() is None:
+        return
+    run.plan.total_iters = fit_total_iters(run.done_iters, run.iters, run.plan.cap_iters, clock.remaining(),
+                                           clock.seconds_per_iter(), _validation_estimate(run, data))
 
 
 def _validate_and_checkpoint(run: _Run, data: _Data, epoch: int, losses: dict[str, float], t0: float) -> None:
@@ -528,7 +714,8 @@ def _validate_and_checkpoint(run: _Run, data: _Data, epoch: int, losses: dict[st
     if improved:
         run.best_ap, run.best_epoch = ap, epoch
     record = _finite_or_none({"epoch": epoch, "losses": losses, "val": metrics,
-                              "lr": run.optimizer.param_groups[0]["lr"], "train_seconds": train_seconds,
+                              "lr": run.optimizer.param_groups[0]["lr"], "iterations": run.done_iters,
+                              "planned_iterations": run.plan.total_iters, "train_seconds": train_seconds,
                               "seconds": time.perf_counter() - t0})
     run.records.append(record)
     cfg = run.cfg
@@ -536,11 +723,18 @@ def _validate_and_checkpoint(run: _Run, data: _Data, epoch: int, losses: dict[st
         "data": str(data.root), "n_train": len(data.train), "n_val": len(data.val), "seed": cfg.seed,
         "epochs_planned": cfg.epochs, "batch_size": cfg.batch_size, "world_size": run.world, "lr": cfg.lr,
         "weights": cfg.weights, "crop_size": cfg.crop_size, "max_iters_per_epoch": cfg.max_iters_per_epoch,
+        "recipe": recipe_record(cfg), "augment": cfg.augment, "repeat_factor_threshold": cfg.repeat_factor_threshold,
+        "time_budget_s": cfg.time_budget_s, "iterations": run.done_iters, "planned_iterations": run.plan.total_iters,
         "epoch": epoch, "val": metrics, "best_epoch": run.best_epoch, "best_val_segm_AP": run.best_ap,
-        "best_val": run.records[run.best_epoch - 1]["val"] if run.best_epoch else None})
+        "best_val": _record_of(run, run.best_epoch)["val"] if run.best_epoch else None})
     train_state = {"epoch": epoch, "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
                    "scaler": run.scaler.state_dict() if run.scaler is not None else None,
-                   "best_ap": run.best_ap, "best_epoch": run.best_epoch, "records": run.records, "rng": _rng_state()}
+                   "best_ap": run.best_ap, "best_epoch": run.best_epoch, "records": run.records, "rng": _rng_state(),
+                   "total_iters": run.plan.total_iters}
+    if run.clock is not None:
+        # The previous epochs' costs beyond their iterations; this one's is known after the writes.
+        train_state.update(elapsed_s=run.clock.elapsed(), val_seconds=list(run.clock.val_times),
+                           iter_seconds=run.clock.seconds_per_iter())
     state = {k: v.detach().cpu() for k, v in run.core.state_dict().items()}
     # last.pt first: it is the commit point; best.pt and metrics.jsonl are re-derived from it by
     # _repair_run_dir if we die in between.
@@ -549,16 +743,37 @@ def _validate_and_checkpoint(run: _Run, data: _Data, epoch: int, losses: dict[st
         save_checkpoint(run.run_dir / "best.pt", state, make_metadata(run.spec, training))
     _write_metrics(run.run_dir, run.records)
     if run.progress:
-        print(f"epoch {epoch}/{cfg.epochs}: loss {losses['loss']:.4f}, {_val_words(data, ap)} "
-              f"(best epoch {run.best_epoch}), {record['seconds']:.0f} s", file=sys.stderr, flush=True)
+        print(f"epoch {epoch}/{cfg.epochs}: loss {losses['loss']:.4f}, {_val_words(data, metrics)} "
+              f"(best epoch {run.best_epoch}), {record['seconds']:.0f} s{_budget_words(run)}",
+              file=sys.stderr, flush=True)
 
 
-def _val_words(data: _Data, ap: float | None) -> str:
+def _record_of(run: _Run, epoch: int) -> dict:
+    return next(r for r in run.records if r["epoch"] == epoch)
+
+
+def _val_words(data: _Data, metrics: dict[str, Any] | None) -> str:
     if not data.val:
         return "no validation split"
     if not data.val_instances:
         return "val segm AP undefined (the validation split has no instances)"
-    return f"val segm AP {ap:.4f}" if ap is not None else "val segm AP undefined"
+    segm = (metrics or {}).get("segm") or {}
+    if segm.get("AP") is None:
+        return "val segm AP undefined"
+    per_class = ", ".join(f"{name} {_fmt(ap)}/{_fmt(segm.get('per_class_AP50', {}).get(name))}"
+                          for name, ap in segm.get("per_class", {}).items())
+    return f"val segm AP {segm['AP']:.4f} AP50 {_fmt(segm.get('AP50'))} (per class AP/AP50: {per_class})"
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _budget_words(run: _Run) -> str:
+    if run.clock is None:
+        return ""
+    return (f"; budget: {run.clock.elapsed() / 60:.1f} of {run.clock.budget_s / 60:.1f} min, "
+            f"iteration {run.done_iters} of {run.plan.total_iters}")
 
 
 def _finish(run: _Run) -> Path:

@@ -1,7 +1,8 @@
 """`cellseg export`: checkpoint -> export folder, in the layout of cellseg.artifacts.
 
 The FP32 dense graphs are verified against PyTorch, FP16 ones (--fp16) within the FP16
-tolerance; model.onnx is the end-to-end graph; --trt adds engines and their sidecars.
+tolerance; model.onnx is the end-to-end graph; --int8 adds QDQ INT8 graphs calibrated on real
+images and verified by ΔAP on held-out ones (cellseg.export.int8); --trt adds engines and their sidecars.
 
 ONNX files are written into a temporary sibling folder and renamed into place only after every
 graph verified, so a failed export leaves nothing half-written. Engines are built afterwards from
@@ -9,6 +10,7 @@ the verified graphs; when TensorRT or CUDA is missing that step fails alone, ONN
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,9 @@ except ImportError:  # the export stage needs the cpu or gpu extra
 from cellseg.artifacts import (CHECKPOINT_COPY, END_TO_END_ONNX, EXPORT_FORMAT, EXPORT_JSON, GRAPH_NAMES,
                                METADATA_KEY, onnx_metadata, onnx_paths)
 from cellseg.export.fp16 import convert_to_fp16
+from cellseg.export.int8 import (DEFAULT_CALIB_IMAGES, DEFAULT_HOLDOUT_IMAGES, DEFAULT_MAX_MAP_DROP, DataImages,
+                                 QuantSettings, calibrate_and_quantize, check_map_drop, open_data, progress_bars,
+                                 split_images, verify_int8)
 from cellseg.export.onnx_graphs import example_inputs, export_graph
 from cellseg.export.verify import (END_TO_END_MASK_TOLERANCE, END_TO_END_TOLERANCE, FP16_TOLERANCE,
                                    FP32_TOLERANCE, OnnxRunner, check_graph, relative_error, summarise,
@@ -115,6 +120,46 @@ def write_end_to_end(model, spec, metadata: dict[str, Any], digest: str, folder:
             "min_matched": 0.99, "cases": list(verification_images(d))}
 
 
+@dataclass(frozen=True)
+class Int8Request:
+    """What `--int8` asks for: calibration data, image counts and the ΔAP gate. Without `calib`
+    (only with --no-onnx --trt) the folder's existing INT8 graphs are built into engines."""
+
+    calib: Path | None
+    calib_images: int = DEFAULT_CALIB_IMAGES
+    holdout_images: int = DEFAULT_HOLDOUT_IMAGES
+    max_map_drop: float = DEFAULT_MAX_MAP_DROP
+    settings: QuantSettings = QuantSettings()
+
+
+def _checked_int8(request: Int8Request) -> tuple[DataImages, list[int], list[int]]:
+    """The calibration data opened and split, before any export work (a bad --calib is one line)."""
+    if not request.max_map_drop >= 0:
+        raise InputError(f"--max-map-drop {request.max_map_drop} must be >= 0")
+    images = open_data(request.calib)
+    calib, holdout = split_images(images, request.calib_images, request.holdout_images)
+    return images, calib, holdout
+
+
+def write_int8_graphs(model, spec, metadata: dict[str, Any], digest: str, folder: Path, request: Int8Request,
+                      split: tuple[DataImages, list[int], list[int]]) -> dict[str, Any]:
+    """g.int8.onnx for every graph in `folder` (beside its FP32 graphs), with cellseg metadata;
+    VerificationError when INT8 loses more segm AP on the held-out images than allowed."""
+    images, calib, holdout = split
+    with progress_bars() as progress:
+        graphs = calibrate_and_quantize(model, spec, digest, folder, images, calib, request.settings, progress)
+        for graph, path in onnx_paths(folder, "int8").items():
+            proto = onnx.load(str(path))
+            _set_metadata(proto, onnx_metadata(metadata, digest, graph, "int8"))
+            onnx.save(proto, str(path))
+        held_out = verify_int8(model, spec, digest, folder, images, holdout, progress)
+    check_map_drop(held_out, request.max_map_drop, images.source)
+    return {"settings": request.settings.to_dict(), "max_map_drop": request.max_map_drop, "graphs": graphs,
+            "calibration": {"data": str(images.source), "images": [str(images.paths[i]) for i in calib]},
+            "held_out": {**held_out, "data": str(images.source),
+                         "image_files": [str(images.paths[i]) for i in holdout]}}
+
+
 def _prepare_out(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"{out}: exists and is not a folder")
@@ -137,7 +182,8 @@ def _replace_folder(tmp: Path, out: Path) -> None:
 
 def export_model(checkpoint: str | Path, out_dir: str | Path, onnx: bool = True, trt: bool = False,
                  fp16: bool = False, opset: int = 17, min_size: int = 64, opt_size: int = 512,
-                 max_size: int = 2560, max_rois: int = 0, force: bool = False) -> Path:
+                 max_size: int = 2560, max_rois: int = 0, force: bool = False,
+                 int8: Int8Request | None = None) -> Path:
     """Write the export folder; returns its path. See the module docstring for the layout."""
     from cellseg.checkpoint import load_checkpoint, weights_hash
     from cellseg.model import model_from_checkpoint
@@ -146,7 +192,13 @@ def export_model(checkpoint: str | Path, out_dir: str | Path, onnx: bool = True,
         raise InputError("nothing to export: pass --onnx and/or --trt")
     if not 11 <= opset <= 20:
         raise InputError(f"opset {opset} is not supported (11..20; TensorRT 10 parses up to 20)")
+    quantize = int8 is not None and onnx
+    if quantize and int8.calib is None:
+        raise InputError("--int8 needs --calib DATA: real images to calibrate on and to verify against")
+    if quantize and trt and not int8.settings.tensorrt_compatible:
+        raise InputError("--trt --int8 needs INT8 graphs in TensorRT's scheme (QuantSettings.for_target('tensorrt'))")
     checkpoint, out = Path(checkpoint), Path(out_dir)
+    split = _checked_int8(int8) if quantize else None
     ckpt = load_checkpoint(checkpoint)
     digest = weights_hash(ckpt.state_dict)
     if onnx:
@@ -158,8 +210,10 @@ def export_model(checkpoint: str | Path, out_dir: str | Path, onnx: bool = True,
             try:
                 report = write_onnx_graphs(model, ckpt.spec, ckpt.metadata, digest, tmp, opset, fp16)
                 report["end_to_end"] = write_end_to_end(model, ckpt.spec, ckpt.metadata, digest, tmp, opset)
+                if quantize:
+                    report["int8"] = write_int8_graphs(model, ckpt.spec, ckpt.metadata, digest, tmp, int8, split)
                 shutil.copy2(checkpoint, tmp / CHECKPOINT_COPY)
-                precisions = ("fp32", "fp16") if fp16 else ("fp32",)
+                precisions = ("fp32",) + (("fp16",) if fp16 else ()) + (("int8",) if quantize else ())
                 info = {"format": EXPORT_FORMAT, "metadata": ckpt.metadata, "weights_sha256": digest,
                         "source_checkpoint": str(checkpoint), "checkpoint": CHECKPOINT_COPY, "opset": opset,
                         "graphs": {p: {g: f.name for g, f in onnx_paths(tmp, p).items()} for p in precisions},
@@ -175,8 +229,8 @@ def export_model(checkpoint: str | Path, out_dir: str | Path, onnx: bool = True,
         from cellseg.export.tensorrt_build import build_engines
 
         try:
-            build_engines(out, ckpt.spec, digest, fp16=fp16, min_size=min_size, opt_size=opt_size,
-                          max_size=max_size, max_rois=max_rois, force=force or onnx)
+            build_engines(out, ckpt.spec, digest, fp16=fp16, int8=int8 is not None, min_size=min_size,
+                          opt_size=opt_size, max_size=max_size, max_rois=max_rois, force=force or onnx)
         except BackendUnavailableError as err:
             done = f"; the ONNX export in {out} is complete" if onnx else ""
             raise BackendUnavailableError(f"cannot build TensorRT engines: {err}{done}") from None

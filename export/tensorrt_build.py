@@ -6,6 +6,10 @@
   `g.fp16.onnx`. BuilderFlag.FP16/INT8 are never set (gone in 11.x; not allowed with strong
   typing in 10.x). For FP32 engines TF32 is switched off where the flag exists, so they match the
   verified FP32 graphs.
+- INT8 engines (`--trt --int8`) come from `g.int8.onnx`: explicit quantization, the graphs' Q/DQ
+  nodes (signed INT8, zero point 0, per-channel weight scales on axis 0: the only scheme TensorRT
+  accepts) say which tensors are INT8; the layers the exporter left unquantised run in FP32 (TF32
+  off, as for FP32 engines). No calibrator and no INT8 builder flag: the scales are in the graph.
 - One optimisation profile per engine: images min/opt/max side (padded to size_divisible), RoIs
   1/opt/max for the heads (the backend splits larger RoI batches).
 - A timing cache (DIR/timing.trt<version>.sm<cc>.cache) shared by the builds, the workspace memory-pool limit.
@@ -50,8 +54,8 @@ def trt_major(version: str) -> int:
 
 def builder_plan(trt: ModuleType, precision: str) -> BuilderPlan:
     """Network-creation flags and builder flags for this TensorRT module and engine precision."""
-    if precision not in ("fp32", "fp16"):
-        raise InputError(f"unknown engine precision {precision!r} (fp32, fp16)")
+    if precision not in ("fp32", "fp16", "int8"):
+        raise InputError(f"unknown engine precision {precision!r} (fp32, fp16, int8)")
     major = trt_major(trt.__version__)
     if major < 10:
         raise BackendUnavailableError(f"TensorRT {trt.__version__} is too old (cellseg builds with 10.x or 11.x)")
@@ -65,9 +69,13 @@ def builder_plan(trt: ModuleType, precision: str) -> BuilderPlan:
     else:
         notes.append("TensorRT >= 11: every network is strongly typed")
     clear = []
-    if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
-        clear.append("TF32")  # match the verified FP32 graphs; TF32 keeps only 10 mantissa bits
-    notes.append(f"precision {precision} comes from the ONNX graph's types (no FP16/INT8 builder flags)")
+    if precision in ("fp32", "int8") and hasattr(trt.BuilderFlag, "TF32"):
+        clear.append("TF32")  # match the verified FP32 graphs / layers; TF32 keeps only 10 mantissa bits
+    if precision == "int8":
+        notes.append("precision int8 comes from the graph's Q/DQ nodes (explicit quantization); "
+                     "unquantised layers stay FP32")
+    else:
+        notes.append(f"precision {precision} comes from the ONNX graph's types (no FP16/INT8 builder flags)")
     return BuilderPlan(major, flags, tuple(names), (), tuple(clear), tuple(notes))
 
 
@@ -129,18 +137,21 @@ def build_engine(trt: ModuleType, onnx_path: Path, profile: Profile, plan: Build
     return bytes(serialized)
 
 
-def build_engines(folder: Path, spec, weights_sha256: str, fp16: bool = False, min_size: int = 64,
-                  opt_size: int = 512, max_size: int = 2560, max_rois: int = 0, force: bool = False,
+def build_engines(folder: Path, spec, weights_sha256: str, fp16: bool = False, int8: bool = False,
+                  min_size: int = 64, opt_size: int = 512, max_size: int = 2560, max_rois: int = 0, force: bool = False,
                   workspace_bytes: int = DEFAULT_WORKSPACE_BYTES, trt: ModuleType | None = None,
                   gpu: tuple[str, tuple[int, int]] | None = None) -> dict[str, Any]:
-    """Build backbone/box_head/mask_head engines (FP32, and FP16 with `fp16`) next to their ONNX
-    graphs in `folder`; record them in cellseg.json. `trt`/`gpu` are injectable for tests."""
+    """Build backbone/box_head/mask_head engines (FP32, FP16 with `fp16`, INT8 from the QDQ graphs
+    with `int8`) next to their ONNX graphs in `folder`; record them in cellseg.json. `trt`/`gpu`
+    are injectable for tests."""
     folder = Path(folder)
     trt = trt or require_tensorrt()
     gpu_name, capability = gpu or gpu_identity()
     info = _export_info(folder, weights_sha256)
-    precisions = ["fp32"] + (["fp16"] if fp16 else [])
+    precisions = ["fp32"] + (["fp16"] if fp16 else []) + (["int8"] if int8 else [])
     _require_graphs(folder, precisions)
+    if int8:
+        _require_tensorrt_int8_scheme(info, folder)
     profiles = _profiles_from_graphs(folder, spec, min_size, opt_size, max_size, max_rois)
     engines: dict[str, Any] = dict(info.get("engines") or {})
     # A timing cache is only valid for one TensorRT version and GPU: one file per pair.
@@ -177,11 +188,22 @@ def _export_info(folder: Path, weights_sha256: str) -> dict[str, Any]:
     return info
 
 
+def _require_tensorrt_int8_scheme(info: dict[str, Any], folder: Path) -> None:
+    """TensorRT takes only signed INT8 with zero point 0; the CPU scheme (uint8 asymmetric
+    activations) is refused before any build."""
+    settings = ((info.get("verification") or {}).get("int8") or {}).get("settings") or {}
+    symmetric = settings.get("activation_type") == "QInt8" and settings.get("activation_symmetric") is True
+    if not symmetric:
+        raise CheckpointError(f"{folder}: its INT8 graphs use onnxruntime's CPU scheme (uint8 asymmetric activations), "
+                              "which TensorRT cannot run; export again with --trt --int8 --calib DATA")
+
+
 def _require_graphs(folder: Path, precisions: list[str]) -> None:
     missing = [f for p in precisions for f in onnx_paths(folder, p).values() if not f.is_file()]
     if missing:
-        fp16 = " --fp16" if "fp16" in precisions else ""
-        raise CheckpointError(f"{missing[0]}: ONNX graph missing (export with --onnx{fp16})")
+        flags = "".join(f" --{p}" for p in ("fp16", "int8") if p in precisions)
+        calib = " --calib DATA" if "int8" in precisions else ""
+        raise CheckpointError(f"{missing[0]}: ONNX graph missing (export with --onnx{flags}{calib})")
 
 
 def _profiles_from_graphs(folder: Path, spec, min_size: int, opt_size: int, max_size: int,

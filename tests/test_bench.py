@@ -2,6 +2,8 @@
 detects junk, which is fine), the report files, skipped backends, and the parity gate."""
 from __future__ import annotations
 
+import dataclasses
+
 import io
 import json
 import shutil
@@ -111,8 +113,8 @@ def test_run_bench_fails_when_a_backend_disagrees(tiny, monkeypatch):
             return predictor
         predict = predictor.predict
 
-        def lossy(image):  # drops every other detection
-            d = predict(image)
+        def lossy(image, *args, **kwargs):  # drops every other detection
+            d = predict(image, *args, **kwargs)
             keep = torch.arange(len(d.scores)) % 2 == 0
             return type(d)(d.boxes[keep], d.scores[keep], d.labels[keep], d.mask_probs[keep])
 
@@ -123,7 +125,7 @@ def test_run_bench_fails_when_a_backend_disagrees(tiny, monkeypatch):
     monkeypatch.setattr(pipeline, "load_predictor", load_predictor)
     # The stand-in runs from a checkpoint, which the plan would skip for onnxruntime; the rows run
     # in this process so that the patched loader is the one they call.
-    monkeypatch.setattr(harness, "backend_unavailable", lambda model, backend: None)
+    monkeypatch.setattr(harness, "backend_unavailable", lambda model, backend, precision=None: None)
     report = run_bench(tiny["model"], tiny["data"], ["torch", "onnxruntime"], device="cpu", warmup=0,
                        iters=1, reference=False, progress=False, console=_quiet(), isolate=False)
     rows = {r["name"]: r for r in report["rows"]}
@@ -387,6 +389,7 @@ def test_reference_pastes_in_chunks_exactly_as_torchvision_pastes_all(tiny, monk
     monkeypatch.setattr(reference, "PASTE_CHUNK", 3)
     image = read_image(tiny["data"] / "train" / "sample0" / "image.tif")
     pipe = reference.ReferencePipeline(tiny["model"], torch.device("cpu"))
+    pipe.spec = dataclasses.replace(pipe.spec, score_floor=0.0, mask_nms_thresh=1.0)  # every mask, as the seed
     chunked = pipe.predict_coco(image, 7)
     ckpt = load_checkpoint(tiny["model"])
     seed = model_from_checkpoint(ckpt.state_dict, ckpt.spec).eval()

@@ -132,7 +132,7 @@ def test_builder_plan_11_without_the_deprecated_flag_and_too_old_versions():
     with pytest.raises(BackendUnavailableError, match="too old"):
         builder_plan(fake_tensorrt("8.6.1", []), "fp32")
     with pytest.raises(InputError, match="precision"):
-        builder_plan(fake_tensorrt("10.8.0", []), "int8")
+        builder_plan(fake_tensorrt("10.8.0", []), "int4")
 
 
 @pytest.mark.parametrize("version", ["10.8.0.43", "11.4.0"])

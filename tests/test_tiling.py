@@ -12,7 +12,6 @@ from cellseg.data.slides import ArraySource
 from cellseg.errors import InputError
 from cellseg.infer import InferSettings, infer_to_outputs, plan_outputs
 from cellseg.pipeline import Detections, Predictor
-from cellseg.postprocess import detections_to_coco
 
 SPEC = ModelSpec(arch="maskrcnn_resnet18_fpn", class_names=("a", "b"), category_ids=(1, 2))
 
@@ -29,11 +28,11 @@ class FakePredictor:
 
     def __init__(self, discs, jitter: float = 0.0) -> None:
         self.discs, self.jitter, self.spec = discs, jitter, SPEC
-        self.stage_seconds = {"paste_rle": 0.0}
+        self.stage_seconds = {"paste_rle": 0.0, "mask_nms": 0.0}
 
     to_coco = Predictor.to_coco  # the real detections -> COCO path; it needs only spec and stage_seconds
 
-    def predict(self, image: np.ndarray) -> Detections:
+    def predict(self, image: np.ndarray, score_floor: float | None = None) -> Detections:
         y0, x0 = round(float(image[0, 0, 0]) * 1e5), round(float(image[0, 0, 1]) * 1e5)
         h, w = image.shape[:2]
         shift = self.jitter * (1 if (x0 // 16) % 2 else -1)

@@ -442,7 +442,8 @@ def _gt_from_detections(gt: dict, entries: list[dict], share: float) -> dict:
 @pytest.mark.parametrize("fast_roi_align", [False, True])
 def test_validation_through_the_pipeline_matches_the_raw_model_path(data, monkeypatch, fast_roi_align):
     """evaluate() goes through Predictor.predict_coco; the model's own forward + the shared
-    paste/RLE (the path it replaced) gives the same entries and the same AP to float rounding."""
+    paste/RLE (the path it replaced), under the same score floor and mask suppression, gives the
+    same entries and the same AP to float rounding."""
     import cellseg.evaluate as evaluate_mod
     import cellseg.roi_align as roi_align_mod
 
@@ -450,7 +451,7 @@ def test_validation_through_the_pipeline_matches_the_raw_model_path(data, monkey
         monkeypatch.setattr(roi_align_mod, "fast_path_applies", lambda *a: False)
     from cellseg.data.hw3 import read_sample
     from cellseg.model import build_model, predict_raw, spec_from_data
-    from cellseg.postprocess import detections_to_coco
+    from cellseg.postprocess import detections_to_coco, suppress_mask_overlaps
 
     root = find_train_root(data)
     dirs = list_sample_dirs(root)
@@ -469,8 +470,10 @@ def test_validation_through_the_pipeline_matches_the_raw_model_path(data, monkey
     raw: list[dict] = []
     for image_id, s in enumerate(samples, start=1):
         det = predict_raw(model.eval(), [torch.from_numpy(s.image.transpose(2, 0, 1).copy())])[0]
-        raw.extend(detections_to_coco(image_id, det["boxes"], det["scores"], det["labels"], det["mask_probs"],
-                                      s.image.shape[:2], spec.category_ids, spec.mask_thresh))
+        entries = detections_to_coco(image_id, det["boxes"], det["scores"], det["labels"], det["mask_probs"],
+                                     s.image.shape[:2], spec.category_ids, spec.mask_thresh)
+        raw.extend(suppress_mask_overlaps([e for e in entries if e["score"] >= spec.score_floor],
+                                          spec.mask_nms_thresh))
     assert len(raw) > 20  # random heads at score >= 0: plenty of detections to compare
     assert len(through_pipeline) == len(raw)
     # Scores of an untrained model crowd near 1 / (classes + 1): the fast RoIAlign's float rounding

@@ -4,14 +4,27 @@ shared by all backends, so backends differ only in how these three calls execute
 from __future__ import annotations
 
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor
 
-from cellseg.artifacts import DELTAS_PREFIX, FEATURE_PREFIX, OBJECTNESS_PREFIX
+from cellseg.artifacts import DELTAS_PREFIX, FEATURE_PREFIX, OBJECTNESS_PREFIX, artifacts_present
 
 # Backend names in the order load_predictor prefers them when several are present.
-BACKEND_PREFERENCE = ("trt", "onnxruntime", "torch")
+BACKEND_PREFERENCE = ("trt", "onnxruntime", "openvino", "torch")
+# Backends that run another backend's artifacts: openvino reads the ONNX graphs onnxruntime runs.
+SHARED_ARTIFACTS = {"openvino": "onnxruntime"}
+
+
+def backend_artifacts(folder: Path) -> dict[str, list[str]]:
+    """Backend name -> the precisions it can run from the export folder (its default first):
+    the folder's artifacts (cellseg.artifacts.artifacts_present) and the backends that share them."""
+    present = artifacts_present(folder)
+    for backend, source in SHARED_ARTIFACTS.items():
+        if source in present:
+            present[backend] = list(present[source])
+    return present
 
 
 @runtime_checkable

@@ -6,6 +6,7 @@ inference see pixels the same way.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import threading
@@ -71,7 +72,10 @@ def _check_file(path: Path) -> None:
         raise DataError(f"{path}: empty file (0 bytes)")
 
 
-def _check_pixel_count(path: Path, height: int, width: int) -> None:
+def _check_pixel_count(path: Path, height: int, width: int, limit: int = MAX_IMAGE_PIXELS) -> None:
+    if limit < MAX_IMAGE_PIXELS and height * width > limit:
+        raise DataError(f"{path}: image is {height} x {width} = {height * width:,} pixels, more than the "
+                        f"{limit:,} allowed here")
     if height * width > MAX_IMAGE_PIXELS:
         raise DataError(f"{path}: image declares {height} x {width} = {height * width:,} pixels, more than "
                         f"the {MAX_IMAGE_PIXELS:,} (16384^2) read whole; tiled (whole-slide) inference "
@@ -135,14 +139,16 @@ def _quiet_tifffile() -> Iterator[None]:
         logger.setLevel(saved)
 
 
-def _read_tiff(path: Path, as_labels: bool) -> np.ndarray:
-    """The first series of the tif as HxW or HxWxC, its axes mapped from the TIFF metadata."""
+def _read_tiff(path: Path, as_labels: bool, source: io.BytesIO | None = None,
+               max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """The first series of the tif (the file at `path`, or `source` named `path`) as HxW or
+    HxWxC, its axes mapped from the TIFF metadata."""
     import tifffile
 
-    with _quiet_tifffile(), tifffile.TiffFile(path) as tif:
+    with _quiet_tifffile(), tifffile.TiffFile(path if source is None else source) as tif:
         axes, shape = _series_axes(tif, path)
         keep = _axis_plan(path, axes, shape)
-        _check_pixel_count(path, shape[keep[0]], shape[keep[1]])
+        _check_pixel_count(path, shape[keep[0]], shape[keep[1]], max_pixels)
         page = tif.pages.first
         photometric = int(page.photometric)
         if photometric == _YCBCR and int(page.compression) not in _JPEG_COMPRESSIONS and not as_labels:
@@ -170,7 +176,7 @@ def _apply_photometric(path: Path, array: np.ndarray, photometric: int, colormap
 _PILLOW_LIMIT_LOCK = threading.Lock()
 
 
-def _read_pillow(path: Path) -> np.ndarray:
+def _read_pillow(path: Path, source: io.BytesIO | None = None, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     from PIL import Image
 
     # Pillow's own decompression-bomb limit is lower than ours and would refuse in its words; the
@@ -178,11 +184,11 @@ def _read_pillow(path: Path) -> np.ndarray:
     with _PILLOW_LIMIT_LOCK:
         saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
         try:
-            img = Image.open(path)
+            img = Image.open(path if source is None else source)
         finally:
             Image.MAX_IMAGE_PIXELS = saved
     with img:
-        _check_pixel_count(path, img.height, img.width)
+        _check_pixel_count(path, img.height, img.width, max_pixels)
         img.load()  # forces decoding, so truncated files fail here
         if img.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
             img = img.convert("RGBA" if img.mode == "PA" or "transparency" in img.info else "RGB")
@@ -244,8 +250,40 @@ def _scale(path: Path, array: np.ndarray) -> np.ndarray:
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """Read an image file as float32 HxWx3 in [0, 1] following IMAGE_RULE ("rgb01-v1")."""
     path, array = _read_raw(path)
+    return _to_rgb01(path, array)
+
+
+def _to_rgb01(path: Path, array: np.ndarray) -> np.ndarray:
     rgb = _to_three_channels(path, array)
     return np.ascontiguousarray(_scale(path, rgb))
+
+
+def _explain_bytes_error(err: BaseException) -> str | None:
+    from PIL import UnidentifiedImageError
+
+    if isinstance(err, UnidentifiedImageError):  # its own text names a BytesIO object, not the image
+        return "not a recognised image format (expected the bytes of a tif, png or jpg file)"
+    return None
+
+
+def read_image_bytes(data: bytes, name: str = "<bytes>", max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """An encoded image (the bytes of a tif / png / jpg file) as float32 HxWx3 in [0, 1], decoded
+    exactly as `read_image` decodes the same file. `name` stands for the file in error messages;
+    images declaring more than `max_pixels` are refused from the header, before decoding."""
+    path = Path(name)
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise DataError(f"{path}: expected the bytes of an encoded image, got {type(data).__name__}")
+    if len(data) == 0:
+        raise DataError(f"{path}: empty image (0 bytes)")
+    source = io.BytesIO(bytes(data))
+    with foreign_errors(path, "image", explain=_explain_bytes_error):
+        if bytes(data[:4]) in _TIFF_MAGIC:
+            array = _read_tiff(path, False, source, max_pixels)
+        else:
+            array = _read_pillow(path, source, max_pixels)
+    if array.size == 0:
+        raise DataError(f"{path}: empty image (shape {tuple(array.shape)})")
+    return _to_rgb01(path, array)
 
 
 def read_label_image(path: str | os.PathLike) -> np.ndarray:

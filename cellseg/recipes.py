@@ -1,0 +1,111 @@
+"""Named training recipes: settings chosen together for one situation, applied under the options
+a user gives by hand (an explicit option or `--set` always wins over the recipe).
+
+cpu-scratch (the default of `cellseg train` without pretrained weights): the light
+ResNet-18-FPN Mask R-CNN from random init on a CPU. Why each setting:
+  norm gn           GroupNorm in backbone, FPN and mask head. Wu & He, "Group Normalization"
+                    (ECCV 2018) train Mask R-CNN from scratch with GN and match ImageNet
+                    pre-training; He et al., "Rethinking ImageNet Pre-training" (ICCV 2019) do
+                    the same with GN (or SyncBN): from-scratch detectors need a normalisation
+                    that does not depend on the batch (2-4 crops here), not pre-training.
+  zero-init resid.  (model.py, gn from scratch) each residual branch starts as identity.
+  box sampling      128 RoIs per image, half of them positive (torchvision: 512, 25 %): with
+                    ~45 nuclei per 256 px crop, 64 positives cover every object while the mask
+                    head (which runs on every positive RoI, the largest training cost on a CPU
+                    after the backbone) sees half as many RoIs as with 512 x 25 %.
+  heads             the light arch's box head (2 FC of 512) and mask head (2 convs of 128),
+                    already sized for small objects; anchors 8..128 px come from the data.
+  crop 256, batch 4 native pixel size (CoNSeP crops are 256 px); GN makes the batch size a
+                    throughput choice only.
+  augment cells     flips, 90-degree rotations, scale jitter x[0.8, 1.25], HED stain jitter
+                    for brightfield / gain + gamma for fluorescence (cellseg.data.dataset).
+  AdamW             lr 4e-4, weight decay 0.05, 200 warm-up iterations, cosine to zero at the
+                    end of the run (fitted to --time-budget when one is given). torchvision's
+                    v2 Mask R-CNN puts normalisation in FPN and heads after Li et al.,
+                    "Benchmarking Detection Transfer Learning with Vision Transformers" (2021),
+                    whose recipe (AdamW, scale jitter, long schedule) also trains from random
+                    init; here scaled down to a CPU budget.
+  repeat factor 0.5 LVIS repeat-factor sampling: crops holding a class found in under half of
+                    the training crops are repeated (CoNSeP: class1 "other", in 27 % of crops,
+                    x1.37).
+The probe this starts from (the issue): ResNet-18-FPN + GN, native 256 px crops, anchors
+8-128, AdamW, cosine: val AP 0.10 / AP50 0.25 after 45 minutes on 2 cores, not plateaued.
+Which of these settings matter most is what the proxy runs measure (docs: train plan).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from cellseg.config import TrainConfig
+from cellseg.errors import InputError
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    summary: str
+    train: dict[str, Any]  # TrainConfig fields
+    model: dict[str, Any]  # ModelSpec fields (what `--set` would give)
+
+
+RECIPES: dict[str, Recipe] = {
+    "none": Recipe("none", "plain options: TrainConfig's own defaults, nothing added", {}, {}),
+    "cpu-scratch": Recipe(
+        "cpu-scratch", "light ResNet-18-FPN from random init on a CPU: GroupNorm, small-object RoI "
+        "sampling, cell augmentation, AdamW + cosine, repeat-factor sampling",
+        train=dict(arch="maskrcnn_resnet18_fpn", epochs=30, batch_size=4, crop_size=256, lr=4e-4,
+                   weight_decay=0.05, scheduler="cosine", warmup_iters=200, augment="cells",
+                   repeat_factor_threshold=0.5),
+        model=dict(norm="gn", box_batch_size_per_image=128, box_positive_fraction=0.5,
+                   rpn_batch_size_per_image=256),
+    ),
+}
+
+
+def default_recipe(weights: str) -> str:
+    """cpu-scratch for random init; plain options when fine-tuning pretrained weights (BN frozen)."""
+    return "cpu-scratch" if weights in ("", "none") else "none"
+
+
+def recipe_config(name: str, given: dict[str, Any]) -> TrainConfig:
+    """The TrainConfig of recipe `name` under the explicitly `given` TrainConfig fields (which
+    win); the recipe's model settings go under the given `model_overrides` (which win too)."""
+    if name not in RECIPES:
+        raise InputError(f"--recipe {name}: unknown recipe (choose from {', '.join(RECIPES)})")
+    recipe = RECIPES[name]
+    fields = {**recipe.train, **given, "recipe": name}
+    overrides = {**recipe.model, **dict(given.get("model_overrides", ()))}
+    fields["model_overrides"] = tuple(overrides.items())
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise InputError(f"recipe {name}: unknown training settings {unknown}")
+    return TrainConfig(**fields)
+
+
+def recipe_record(cfg: TrainConfig) -> dict[str, Any]:
+    """What the checkpoint metadata keeps of the recipe: its name and every setting it chose,
+    as the run actually used them (after the user's own options)."""
+    recipe = RECIPES.get(cfg.recipe)
+    train_keys = sorted(recipe.train) if recipe else []
+    model = dict(cfg.model_overrides)
+    return {"name": cfg.recipe,
+            "settings": {**{k: getattr(cfg, k) for k in train_keys},
+                         "model": {k: model[k] for k in sorted(recipe.model) if k in model} if recipe else {}}}
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([smh]?)\s*$", re.IGNORECASE)
+_UNIT_SECONDS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str, option: str = "--time-budget") -> float:
+    """'2h', '90m', '45s', '1.5h' or plain seconds -> seconds (> 0)."""
+    match = _DURATION.match(str(text))
+    seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2).lower()] if match else float("nan")
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise InputError(f"{option} {text!r}: expected a positive duration such as 2h, 90m, 45s or 7200")
+    return seconds
