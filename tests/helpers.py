@@ -27,3 +27,19 @@ def save_tiny_checkpoint(path: Path, spec: ModelSpec, seed: int = 0) -> Path:
     model = build_model(spec).eval()
     save_checkpoint(path, model.state_dict(), make_metadata(spec))
     return path
+
+
+def invoke(*args):
+    """The cellseg CLI in-process (typer's CliRunner), every argument as a string."""
+    from typer.testing import CliRunner
+
+    from cellseg.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def error_line(result) -> str:
+    """The one `cellseg: error:` line a failed command printed (asserts there is exactly one)."""
+    lines = [ln for ln in result.output.splitlines() if ln.startswith("cellseg: error:")]
+    assert len(lines) == 1, result.output
+    return lines[0]

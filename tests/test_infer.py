@@ -6,22 +6,10 @@ import json
 import numpy as np
 import pytest
 import tifffile
-from typer.testing import CliRunner
 
-from cellseg.cli import app
+from helpers import error_line, invoke
 
-runner = CliRunner()
 TILED = ["--tile", "128", "--overlap", "32", "--device", "cpu", "--quiet", "--score-thresh", "0.05"]
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def error_line(result) -> str:
-    lines = [ln for ln in result.output.splitlines() if ln.startswith("cellseg: error:")]
-    assert len(lines) == 1, result.output
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

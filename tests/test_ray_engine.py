@@ -16,23 +16,11 @@ import numpy as np
 import pytest
 import tifffile
 from PIL import Image
-from typer.testing import CliRunner
 
-from cellseg.cli import app
+from helpers import error_line, invoke
 
-runner = CliRunner()
 SETTINGS = ["--backend", "onnxruntime", "--tile", "128", "--overlap", "32", "--device", "cpu", "--quiet",
             "--score-thresh", "0.05"]
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def error_line(result) -> str:
-    lines = [ln for ln in result.output.splitlines() if ln.startswith("cellseg: error:")]
-    assert len(lines) == 1, result.output
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
