@@ -1,5 +1,9 @@
-"""The one place that turns a device name (auto | cpu | cuda | cuda:N) into a torch.device."""
+"""The one place that turns a device name (auto | cpu | cuda | cuda:N) into a torch.device, and
+the machine's physical core count that CPU runtimes size their thread pools by."""
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import torch
 
@@ -29,3 +33,22 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
             raise BackendUnavailableError(f"--device {name}: CUDA is not available ({reason}); use --device cpu or auto")
         return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
     raise InputError(f"unknown device {name!r} (choose from {', '.join(DEVICE_CHOICES)})")
+
+
+def physical_cores() -> int:
+    """Physical cores (hyper-threads excluded), for intra-op threads; falls back to os.cpu_count()."""
+    try:
+        pairs = set()
+        block: dict[str, str] = {}
+        for line in Path("/proc/cpuinfo").read_text().splitlines() + [""]:
+            if ":" in line:
+                k, v = line.split(":", 1)
+                block[k.strip()] = v.strip()
+            elif block:
+                pairs.add((block.get("physical id"), block.get("core id")))
+                block = {}
+        if pairs and (None, None) not in pairs:
+            return max(1, len(pairs))
+    except OSError:
+        pass
+    return max(1, os.cpu_count() or 1)

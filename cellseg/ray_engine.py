@@ -101,7 +101,7 @@ def _ray_session(ray, address: str | None) -> Iterator[float]:
             if address:
                 ray.init(address=address, **quiet)
             else:
-                from cellseg.backends.onnxruntime_backend import physical_cores
+                from cellseg.device import physical_cores
 
                 ray.init(num_cpus=physical_cores(), **quiet)
         except Exception as err:  # Ray raises ConnectionError, RuntimeError, ValueError, ...

@@ -188,7 +188,7 @@ def bind_model(triton, predictors: Sequence[Any], max_pixels: int, settings: Ser
 def load_predictors(model: str | Path, backend: str | None, device: str, instances: int,
                     precision: str | None = None) -> list:
     """One predictor per model instance; the instances share the physical cores between them."""
-    from cellseg.backends.onnxruntime_backend import physical_cores
+    from cellseg.device import physical_cores
     from cellseg.pipeline import load_predictor
 
     threads = max(1, physical_cores() // instances)

@@ -129,7 +129,7 @@ def test_fpn_level_sizes_match_the_graph(export_dir):
 
 
 def test_physical_cores_positive():
-    from cellseg.backends.onnxruntime_backend import physical_cores
+    from cellseg.device import physical_cores
 
     assert physical_cores() >= 1
 

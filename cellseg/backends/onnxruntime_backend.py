@@ -3,7 +3,6 @@ onnxruntime-gpu is installed and the device is CUDA. Tensors are bound by IO bin
 stay on the GPU; on the CPU ORT reads/writes torch's buffers directly, no numpy copies)."""
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -13,27 +12,8 @@ from torch import Tensor
 
 from cellseg.artifacts import FEATURE_PREFIX, METADATA_KEY, check_onnx_metadata
 from cellseg.backends.base import split_backbone_outputs
-from cellseg.device import resolve_device
+from cellseg.device import physical_cores, resolve_device
 from cellseg.errors import BackendUnavailableError, CheckpointError, InputError
-
-
-def physical_cores() -> int:
-    """Physical cores (hyper-threads excluded), for intra-op threads; falls back to os.cpu_count()."""
-    try:
-        pairs = set()
-        block: dict[str, str] = {}
-        for line in Path("/proc/cpuinfo").read_text().splitlines() + [""]:
-            if ":" in line:
-                k, v = line.split(":", 1)
-                block[k.strip()] = v.strip()
-            elif block:
-                pairs.add((block.get("physical id"), block.get("core id")))
-                block = {}
-        if pairs and (None, None) not in pairs:
-            return max(1, len(pairs))
-    except OSError:
-        pass
-    return max(1, os.cpu_count() or 1)
 
 
 def _torch_to_ort_dtype(dtype: torch.dtype):

@@ -16,8 +16,7 @@ from torch import Tensor
 
 from cellseg.artifacts import METADATA_KEY, check_onnx_metadata
 from cellseg.backends.base import split_backbone_outputs
-from cellseg.backends.onnxruntime_backend import physical_cores
-from cellseg.device import resolve_device
+from cellseg.device import physical_cores, resolve_device
 from cellseg.errors import BackendUnavailableError, CheckpointError
 
 OV_DEVICE = "CPU"
