@@ -28,6 +28,7 @@ from typing import Any
 
 
 from cellseg.bench.core import environment_info, fmt, fmt_ms, latency_stats_ms, stages_ms
+from cellseg.bench.results_files import run_as_command, write_results
 
 DEFAULT_FLOORS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5)
 DEFAULT_NMS = (1.0, 0.7, 0.5, 0.3)  # 1.0 = off
@@ -175,21 +176,6 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(report: dict, out_dir: Path, stem: str, force: bool) -> list[Path]:
-    from cellseg.errors import OutputExistsError
-    from cellseg.fileio import atomic_write, atomic_write_json, atomic_write_text, ensure_writable_folder
-
-    ensure_writable_folder(out_dir)
-    paths = [out_dir / f"{stem}.{ext}" for ext in ("json", "md", "png")]
-    existing = [p for p in paths if p.exists()]
-    if existing and not force:
-        raise OutputExistsError(f"{existing[0]}: already exists (pass --force to overwrite)")
-    atomic_write_json(paths[0], report, indent=2)
-    atomic_write_text(paths[1], render_markdown(report))
-    atomic_write(paths[2], lambda tmp: plot(report, tmp))
-    return paths
-
-
 # ---------------------------------------------------------------------------------------- cli
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m cellseg.bench.floor_curve", description=__doc__.split("\n")[0])
@@ -229,19 +215,11 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
                            "mask_nms": nms, "limit": args.limit, "note": args.note},
               "environment": env, "datasets": datasets}
     stem = f"{started:%Y-%m-%d}-floor-curve-{env['cpu_affinity'] or os.cpu_count()}cpu"
-    paths = write_outputs(report, args.out_dir, stem, args.force)
+    paths = write_results(report, args.out_dir, stem, render_markdown(report), plot, args.force)
     print(render_markdown(report))
     print("wrote " + ", ".join(map(str, paths)))
     return paths
 
 
 if __name__ == "__main__":
-    import sys
-
-    from cellseg.errors import CellsegError
-
-    try:
-        main()
-    except CellsegError as err:
-        print(f"cellseg: error: {err}", file=sys.stderr)
-        sys.exit(getattr(err, "exit_code", 1))
+    run_as_command(main)

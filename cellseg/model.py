@@ -151,12 +151,14 @@ def _build_architecture(spec: ModelSpec, pretrained: bool) -> MaskRCNN:
     ag = _anchor_generator(spec)
     body_norm, neck_norm = _norm_layers(spec)
     if spec.arch == "maskrcnn_resnet50_fpn":
-        backbone = resnet_fpn_extractor(resnet50(weights=None, norm_layer=body_norm), trainable, norm_layer=neck_norm)
+        backbone = resnet_fpn_extractor(resnet50(weights=None, norm_layer=body_norm), trainable, norm_layer=neck_norm,
+                                        out_channels=spec.fpn_channels)
         box_head = TwoMLPHead(backbone.out_channels * 7 * 7, spec.box_head_dim)
         mask_head = MaskRCNNHeads(backbone.out_channels, list(spec.mask_head_channels), 1, norm_layer=neck_norm)
         rpn_head = RPNHead(backbone.out_channels, ag.num_anchors_per_location()[0])
     elif spec.arch == "maskrcnn_resnet50_fpn_v2":
-        backbone = resnet_fpn_extractor(resnet50(weights=None, norm_layer=body_norm), trainable, norm_layer=neck_norm)
+        backbone = resnet_fpn_extractor(resnet50(weights=None, norm_layer=body_norm), trainable, norm_layer=neck_norm,
+                                        out_channels=spec.fpn_channels)
         box_head = FastRCNNConvFCHead((backbone.out_channels, 7, 7), [256, 256, 256, 256],
                                       [spec.box_head_dim], norm_layer=neck_norm)
         mask_head = MaskRCNNHeads(backbone.out_channels, list(spec.mask_head_channels), 1,
@@ -166,7 +168,8 @@ def _build_architecture(spec: ModelSpec, pretrained: bool) -> MaskRCNN:
         # From scratch with GN, each residual branch starts as identity (zero last-norm gain,
         # Goyal et al. 2017), which steadies the first iterations without BN statistics.
         body = resnet18(weights=None, norm_layer=body_norm, zero_init_residual=spec.norm == "gn" and not pretrained)
-        backbone = resnet_fpn_extractor(body, trainable, norm_layer=neck_norm)
+        backbone = resnet_fpn_extractor(body, trainable, norm_layer=neck_norm,
+                                        out_channels=spec.fpn_channels)
         # The box head stays two FC layers (no norm): a conv box head costs ~17x its MACs per RoI.
         box_head = TwoMLPHead(backbone.out_channels * 7 * 7, spec.box_head_dim)
         mask_head = MaskRCNNHeads(backbone.out_channels, list(spec.mask_head_channels), 1, norm_layer=neck_norm)

@@ -13,6 +13,12 @@ ResNet-18-FPN Mask R-CNN from random init on a CPU. Why each setting:
                     ~45 nuclei per 256 px crop, 64 positives cover every object while the mask
                     head (which runs on every positive RoI, the largest training cost on a CPU
                     after the backbone) sees half as many RoIs as with 512 x 25 %.
+  FPN width 64      (torchvision: 256) At 256 px the FPN's and RPN's 3x3 convs on the stride-4
+                    level cost more than the whole ResNet-18; 64 channels per level made a training
+                    iteration 2.2x faster (batch 4 x 256 px: 7.7 -> 3.5 s on 2 cores), and in a
+                    20-minute proxy the narrow model was further along at equal wall time (the
+                    proxy table in bench/results). Nuclei are small, simple shapes: the heads
+                    need few channels.
   heads             the light arch's box head (2 FC of 512) and mask head (2 convs of 128),
                     already sized for small objects; anchors 8..128 px come from the data.
   crop 256, batch 4 native pixel size (CoNSeP crops are 256 px); GN makes the batch size a
@@ -55,12 +61,12 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {
     "none": Recipe("none", "plain options: TrainConfig's own defaults, nothing added", {}, {}),
     "cpu-scratch": Recipe(
-        "cpu-scratch", "light ResNet-18-FPN from random init on a CPU: GroupNorm, small-object RoI "
+        "cpu-scratch", "light ResNet-18-FPN from random init on a CPU: GroupNorm, 64-channel FPN, small-object RoI "
         "sampling, cell augmentation, AdamW + cosine, repeat-factor sampling",
         train=dict(arch="maskrcnn_resnet18_fpn", epochs=30, batch_size=4, crop_size=256, lr=4e-4,
                    weight_decay=0.05, scheduler="cosine", warmup_iters=200, augment="cells",
                    repeat_factor_threshold=0.5),
-        model=dict(norm="gn", box_batch_size_per_image=128, box_positive_fraction=0.5,
+        model=dict(norm="gn", fpn_channels=64, box_batch_size_per_image=128, box_positive_fraction=0.5,
                    rpn_batch_size_per_image=256),
     ),
 }

@@ -316,6 +316,7 @@ def _lr_lambda(kind: str, total_iters: int | Callable[[], int], warmup_iters: in
 # ---------------------------------------------------------------------------------------- time budget
 CALIBRATION_ITERS = 10  # iterations timed before the first fit of the schedule
 BUDGET_MARGIN = 0.03  # share of the budget kept back for what the estimates miss (checkpoint writes)
+FIRST_VALIDATION_COST = 2.5  # first validation's seconds per image / training's (see _validation_estimate)
 
 
 @dataclass
@@ -682,16 +683,17 @@ def _budget_watch(run: _Run, data: _Data) -> Callable[[int], bool]:
 
 def _validation_estimate(run: _Run, data: _Data) -> float:
     """Seconds an epoch costs beyond its iterations (validation, checkpoint writes, loader
-    start): the largest of the last two measured; before any, as long as training on as many
-    images as the validation split holds (inference of an untrained model, with its many
-    low-score detections, costs about that)."""
+    start): the largest of the last two measured; before any, 2.5 times as long as training on as
+    many images as the validation split holds. An untrained model's many low-score detections
+    make its first validation slow: on CoNSeP it took 2.0-2.5x that training time (64- and
+    256-channel FPN), and an underestimate here is what makes a short budget overrun."""
     clock = run.clock
     if clock is None:
         return 0.0
     if clock.val_times:
         return max(clock.val_times[-2:])
     per_image = (clock.seconds_per_iter() or 0.0) / max(1, run.cfg.batch_size)
-    return len(data.val) * per_image
+    return FIRST_VALIDATION_COST * len(data.val) * per_image
 
 
 def _refit_plan(run: _Run, data: _Data) -> None:

@@ -67,11 +67,21 @@ def check() -> list[str]:
 
 
 def resnet_fpn_extractor(backbone: nn.Module, trainable_layers: int,
-                         norm_layer: Callable[..., nn.Module] | None = None) -> nn.Module:
+                         norm_layer: Callable[..., nn.Module] | None = None, out_channels: int = 256) -> nn.Module:
     """torchvision's BackboneWithFPN over `backbone` (all four stages returned, LastLevelMaxPool),
-    with `norm_layer` in the FPN (None: none)."""
+    with `norm_layer` in the FPN (None: none) and `out_channels` per FPN level."""
     build = _private_function("torchvision.models.detection.backbone_utils", "_resnet_fpn_extractor")
-    return build(backbone, trainable_layers, norm_layer=norm_layer)
+    extractor = build(backbone, trainable_layers, norm_layer=norm_layer)
+    if out_channels != extractor.out_channels:
+        # torchvision fixes the width at 256; the public FPN class with the same inputs, extra
+        # level and init gives the same module tree (and state-dict keys) at another width.
+        from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
+
+        in_channels = [block[0].in_channels for block in extractor.fpn.inner_blocks]
+        extractor.fpn = FeaturePyramidNetwork(in_channels, out_channels, extra_blocks=LastLevelMaxPool(),
+                                              norm_layer=norm_layer)
+        extractor.out_channels = out_channels
+    return extractor
 
 
 def setup_pooler_scales(pooler: nn.Module, feature_maps: list[Tensor], image_sizes: list[tuple[int, int]]) -> None:

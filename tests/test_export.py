@@ -79,6 +79,17 @@ def test_verification_report_within_stated_tolerances(exported):
     assert report["end_to_end"]["max_error"] <= report["end_to_end"]["tolerance"]
 
 
+def test_a_narrow_fpn_exports_and_verifies(tmp_path):
+    from cellseg.export.exporter import export_model
+    from helpers import save_tiny_checkpoint
+
+    ckpt = save_tiny_checkpoint(tmp_path / "narrow.pt", tiny_spec(fpn_channels=32))
+    out = export_model(ckpt, tmp_path / "export")
+    report = json.loads((out / "cellseg.json").read_text())["verification"]
+    assert all(report["fp32"]["graphs"][g]["max_error"] <= report["fp32"]["tolerance"] for g in GRAPHS)
+    assert report["end_to_end"]["max_error"] <= report["end_to_end"]["tolerance"]
+
+
 def test_graphs_have_dynamic_axes(exported):
     out = exported[1]
     backbone = onnx.load(str(out / "backbone.onnx"))

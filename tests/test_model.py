@@ -68,6 +68,33 @@ def test_light_arch_trains_and_predicts_on_a_64px_image():
     assert n <= 50
 
 
+@pytest.mark.parametrize("norm", ["bn", "gn"])
+def test_fpn_width_sizes_rpn_box_and_mask_heads(norm):
+    model = build_model(tiny_spec(fpn_channels=64, norm=norm))
+    assert model.backbone.out_channels == 64
+    assert model.rpn.head.conv[0][0].in_channels == 64
+    assert model.roi_heads.box_head.fc6.in_features == 64 * 7 * 7
+    first_mask_conv = next(m for m in model.roi_heads.mask_head.modules() if isinstance(m, torch.nn.Conv2d))
+    assert first_mask_conv.in_channels == 64
+    image = torch.rand(3, 64, 64)
+    sum(model([image], [square_target(64, 64)]).values()).backward()
+    out = predict_raw(model.eval(), [image])[0]
+    assert out["mask_probs"].shape[1:] == (1, 28, 28)
+
+
+@pytest.mark.parametrize("value", [0, -64, True, 64.0, "64"])
+def test_fpn_width_must_be_a_positive_integer(value):
+    fields = tiny_spec().to_dict()
+    with pytest.raises(CheckpointError, match="fpn_channels"):
+        ModelSpec.from_dict({**fields, "fpn_channels": value})
+
+
+def test_specs_from_before_the_fpn_width_read_as_torchvisions_256():
+    fields = tiny_spec().to_dict()
+    del fields["fpn_channels"]
+    assert ModelSpec.from_dict(fields).fpn_channels == 256
+
+
 def test_spec_from_data_sizes_anchors_from_small_nuclei():
     rng = np.random.default_rng(0)
     consep_like = rng.uniform(5, 60, 5000)  # CoNSeP nuclei are ~5-60 px across

@@ -69,6 +69,7 @@ def test_recipe_and_settings_recorded_in_checkpoint_metadata(data, tmp_path):
     assert recipe["settings"]["crop_size"] == 48  # what the run used, after the options given by hand
     assert recipe["settings"]["model"]["norm"] == "gn"
     assert best.spec.norm == "gn" and best.spec.box_positive_fraction == 0.5
+    assert recipe["settings"]["model"]["fpn_channels"] == 64 and best.spec.fpn_channels == 64
     assert isinstance(dict(best.state_dict)["backbone.body.bn1.weight"], torch.Tensor)
     assert json.loads((run / "config.json").read_text())["recipe"] == "cpu-scratch"
     # a damaged recipe record is refused like any other bad metadata
@@ -80,10 +81,10 @@ def test_recipe_and_settings_recorded_in_checkpoint_metadata(data, tmp_path):
 
 def test_old_checkpoint_metadata_loads_with_batchnorm(tmp_path):
     old = tiny_spec().to_dict()
-    for new_field in ("norm", "box_positive_fraction"):
+    for new_field in ("norm", "box_positive_fraction", "fpn_channels"):
         old.pop(new_field)
     spec = ModelSpec.from_dict(old)
-    assert spec.norm == "bn" and spec.box_positive_fraction == 0.25
+    assert spec.norm == "bn" and spec.box_positive_fraction == 0.25 and spec.fpn_channels == 256
     with pytest.raises(CheckpointError, match="unknown norm 'ln'"):
         ModelSpec.from_dict({**old, "norm": "ln"})
 

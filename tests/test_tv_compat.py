@@ -90,3 +90,16 @@ def test_a_missing_rpn_budget_attribute_is_reported(monkeypatch):
                                  f"RegionProposalNetwork._post_nms_top_n['testing']"]
     with pytest.raises(BackendUnavailableError, match="_post_nms_top_n"):
         tv_compat.rpn_test_budgets(tv_compat._tiny_rpn())
+
+
+def test_resnet_fpn_extractor_at_another_width_keeps_keys_levels_and_norm():
+    wide = tv_compat.resnet_fpn_extractor(resnet18(weights=None), 5, norm_layer=torch.nn.BatchNorm2d)
+    narrow = tv_compat.resnet_fpn_extractor(resnet18(weights=None), 5, norm_layer=torch.nn.BatchNorm2d,
+                                            out_channels=64)
+    assert narrow.out_channels == 64
+    assert list(narrow.state_dict()) == list(wide.state_dict())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in narrow.fpn.modules())
+    with torch.no_grad():
+        levels = narrow(torch.rand(1, 3, 64, 64))
+    assert list(levels) == ["0", "1", "2", "3", "pool"]
+    assert {v.shape[1] for v in levels.values()} == {64}
