@@ -34,9 +34,11 @@ ResNet-18-FPN Mask R-CNN from random init on a CPU. Why each setting:
   repeat factor 0.5 LVIS repeat-factor sampling: crops holding a class found in under half of
                     the training crops are repeated (CoNSeP: class1 "other", in 27 % of crops,
                     x1.37).
-The probe this starts from (the issue): ResNet-18-FPN + GN, native 256 px crops, anchors
-8-128, AdamW, cosine: val AP 0.10 / AP50 0.25 after 45 minutes on 2 cores, not plateaued.
-Which of these settings matter most is what the proxy runs measure (docs: train plan).
+The probe this starts from: ResNet-18-FPN + GN, native 256 px crops, anchors 8-128, AdamW,
+cosine: val AP 0.10 / AP50 0.25 after 45 minutes on 2 cores, not plateaued. Measured with this
+recipe on CoNSeP (bench/results/2026-12-01-train-consep-cpu-scratch-*): a 2-hour budget gives
+val segm AP50 0.30 at its best epoch (66 minutes), then drifts down; the other settings above
+have not had their own proxy runs yet.
 """
 from __future__ import annotations
 
