@@ -103,6 +103,8 @@ def train(data: Path = typer.Argument(..., help="HW3 layout root (ROOT or ROOT/t
           lr: Optional[float] = typer.Option(None, "--lr", help="default 1e-4"),
           weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="default 1e-4"),
           val_fraction: float = typer.Option(0.15, "--val-fraction"),
+          split: str = typer.Option("classes", "--split", help="validation groups: classes (each class's share "
+                                    "of instances matched too) | groups (sample count only)"),
           device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
           weights: str = typer.Option("none", "--weights", help="none | default | PATH to a .pth state dict"),
           resume: bool = typer.Option(False, "--resume", help="continue from RUN_DIR/last.pt"),
@@ -136,7 +138,7 @@ def train(data: Path = typer.Argument(..., help="HW3 layout root (ROOT or ROOT/t
     if budget_s and epochs is None:
         given["epochs"] = 1000  # the budget ends the run; epochs only caps it
     cfg = recipe_config(recipe or default_recipe(weights), dict(
-        given, data=str(data), out=str(out), val_fraction=val_fraction, device=device, weights=weights,
+        given, data=str(data), out=str(out), val_fraction=val_fraction, split=split, device=device, weights=weights,
         resume=resume, seed=seed, workers=workers, max_iters_per_epoch=max_iters_per_epoch, scale=scale,
         model_overrides=tuple(_parse_settings(model_set).items()), progress=not quiet, cache=cache,
         time_budget_s=budget_s))

@@ -129,6 +129,9 @@ class ModelSpec:
 
 # Learning-rate schedules `cellseg train --scheduler` accepts (per iteration, after a linear warmup).
 SCHEDULERS = ("cosine", "multistep")
+# How `cellseg train` picks its validation groups (cellseg.data.hw3.split_train_val): "classes"
+# matches every class's share of instances as well as the sample count; "groups" the count only.
+SPLITS = ("classes", "groups")
 
 
 @dataclass(frozen=True)
@@ -167,6 +170,7 @@ class TrainConfig:
     # Wall-clock budget of the run in seconds (0 = none): the LR schedule is fitted to it and the
     # run stops in time for its last validation; `epochs` is then an upper bound.
     time_budget_s: float = 0.0
+    split: str = "classes"  # one of SPLITS
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -191,5 +195,6 @@ class TrainConfig:
         if isinstance(overrides, dict):
             overrides = overrides.items()
         d["model_overrides"] = tuple((str(k), v) for k, v in overrides)
+        d.setdefault("split", "groups")  # runs made before the stratified split resume with their own split
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})

@@ -46,7 +46,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from cellseg.checkpoint import Checkpoint, load_checkpoint, make_metadata, save_checkpoint, weights_hash
-from cellseg.config import ARCHS, SCHEDULERS, ModelSpec, TrainConfig
+from cellseg.config import ARCHS, SCHEDULERS, SPLITS, ModelSpec, TrainConfig
 from cellseg.data.dataset import (AUGMENTS, CellDataset, RepeatFactorSampler, SampleStats, collate, repeat_factors,
                                   scan_samples)
 from cellseg.data.hw3 import class_names_of, find_train_root, list_sample_dirs, read_sample, split_train_val
@@ -266,6 +266,8 @@ def check_config(cfg: TrainConfig) -> None:
     unknown = sorted(k for k, _ in cfg.model_overrides if k not in ModelSpec.__dataclass_fields__)
     if unknown:
         refuse("--set", ", ".join(unknown), "unknown model setting (a ModelSpec field, e.g. box_score_thresh)")
+    if cfg.split not in SPLITS:
+        refuse("--split", repr(cfg.split), f"unknown split (choose from {', '.join(SPLITS)})")
     if cfg.scheduler not in SCHEDULERS:
         refuse("--scheduler", repr(cfg.scheduler), f"unknown scheduler (choose from {', '.join(SCHEDULERS)})")
     if cfg.recipe not in RECIPES:
@@ -498,21 +500,25 @@ class _Run:
 
 
 def _setup_data(cfg: TrainConfig, progress: bool) -> _Data:
-    """Split the samples and read every one of them once, training and validation alike."""
+    """Read every sample once, then split them (by source image, stratified by class unless the
+    run says otherwise)."""
     root = find_train_root(cfg.data)
     dirs = list_sample_dirs(root)
     class_names = class_names_of(root)
-    train_ids, val_ids = split_train_val([d.name for d in dirs], cfg.val_fraction, cfg.seed)
-    if not train_ids:
-        raise TrainingError(f"{root}: the training split is empty")
-    by_id = {d.name: d for d in dirs}
-    ordered = [by_id[i] for i in (*train_ids, *val_ids)]
-    bar = _Progress(len(ordered), "checking samples", progress)
+    bar = _Progress(len(dirs), "checking samples", progress)
     try:
-        stats = scan_samples(ordered, class_names, on_sample=lambda i: bar.update(i, float("nan")))
+        stats = scan_samples(dirs, class_names, on_sample=lambda i: bar.update(i, float("nan")))
     finally:
         bar.close()
-    data = _Data(root, class_names, stats[:len(train_ids)], stats[len(train_ids):])
+    by_id = {d.name: s for d, s in zip(dirs, stats)}
+    counts = None
+    if cfg.split == "classes":
+        counts = {i: np.bincount(s.labels if s.labels is not None else np.zeros(0, np.int64),
+                                 minlength=len(class_names) + 1)[1:] for i, s in by_id.items()}
+    train_ids, val_ids = split_train_val(list(by_id), cfg.val_fraction, cfg.seed, counts)
+    if not train_ids:
+        raise TrainingError(f"{root}: the training split is empty")
+    data = _Data(root, class_names, [by_id[i] for i in train_ids], [by_id[i] for i in val_ids])
     if progress and data.val and data.val_instances == 0:
         print(f"the validation split ({len(data.val)} images) has no instances: validation AP is undefined, "
               f"so the latest epoch counts as best", file=sys.stderr, flush=True)
@@ -722,7 +728,7 @@ def _validate_and_checkpoint(run: _Run, data: _Data, epoch: int, losses: dict[st
     run.records.append(record)
     cfg = run.cfg
     training = _finite_or_none({
-        "data": str(data.root), "n_train": len(data.train), "n_val": len(data.val), "seed": cfg.seed,
+        "data": str(data.root), "n_train": len(data.train), "n_val": len(data.val), "seed": cfg.seed, "split": cfg.split,
         "epochs_planned": cfg.epochs, "batch_size": cfg.batch_size, "world_size": run.world, "lr": cfg.lr,
         "weights": cfg.weights, "crop_size": cfg.crop_size, "max_iters_per_epoch": cfg.max_iters_per_epoch,
         "recipe": recipe_record(cfg), "augment": cfg.augment, "repeat_factor_threshold": cfg.repeat_factor_threshold,

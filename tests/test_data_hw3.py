@@ -193,6 +193,61 @@ def test_split_train_val_by_group() -> None:
         split_train_val(ids, 1.0, 0)
 
 
+def _clustered_tiles() -> tuple[list[str], dict[str, np.ndarray]]:
+    """Twelve tiles of four crops; classes cluster by tile as in histology (each tile holds one
+    or two of the four classes), so a split by sample count alone often misses a class."""
+    layout = [(1, 0, 0, 0), (0, 9, 0, 0), (0, 8, 0, 2), (0, 0, 7, 0), (0, 0, 6, 3), (0, 0, 0, 9),
+              (0, 5, 0, 5), (0, 0, 9, 0), (2, 0, 0, 6), (0, 7, 0, 0), (0, 0, 0, 8), (0, 6, 4, 0)]
+    ids, counts = [], {}
+    for t, per_crop in enumerate(layout):
+        for crop in range(4):
+            sid = f"tile_{t}_{crop:03d}"
+            ids.append(sid)
+            counts[sid] = np.array(per_crop)
+    return ids, counts
+
+
+def _val_share(val: list[str], counts: dict[str, np.ndarray]) -> np.ndarray:
+    return sum((counts[s] for s in val), np.zeros(4)) / sum(counts.values())
+
+
+def test_stratified_split_puts_every_class_in_val() -> None:
+    ids, counts = _clustered_tiles()
+    misses = 0
+    for seed in range(20):
+        train, val = split_train_val(ids, 0.25, seed, counts)
+        assert sorted(train + val) == sorted(ids)
+        assert not {sample_group(s) for s in train} & {sample_group(s) for s in val}
+        share = _val_share(val, counts)
+        assert np.all(share > 0) and np.all(share < 1), (seed, share)
+        assert (train, val) == split_train_val(ids, 0.25, seed, counts)  # deterministic
+        misses += bool(np.any(_val_share(split_train_val(ids, 0.25, seed)[1], counts) == 0))
+    assert misses > 0  # the layout does defeat the count-only split, so the check above means something
+
+
+def test_stratified_split_keeps_a_one_tile_class_in_training() -> None:
+    ids, counts = _clustered_tiles()
+    for seed in range(20):
+        train, val = split_train_val(ids, 0.25, seed, counts)
+        assert np.all(sum((counts[s] for s in train), np.zeros(4)) > 0)
+    # a class found in one tile only never leaves training, whatever the seed
+    without_tile_8 = ids[:32] + ids[36:]
+    for seed in range(20):
+        train, _ = split_train_val(without_tile_8, 0.4, seed, counts)
+        assert set(ids[:4]) <= set(train)
+
+
+def test_stratified_split_tracks_each_class_share() -> None:
+    rng = np.random.default_rng(7)
+    ids = [f"t_{t}_{c}" for t in range(40) for c in range(int(rng.integers(2, 6)))]
+    weights = {f"t_{t}": rng.dirichlet(np.full(4, 0.5)) * rng.integers(5, 60) for t in range(40)}
+    counts = {s: np.round(weights[sample_group(s)]).astype(int) for s in ids}
+    train, val = split_train_val(ids, 0.2, 3, counts)
+    share = _val_share(val, counts)
+    assert np.all(np.abs(share - 0.2) < 0.05), share
+    assert abs(len(val) / len(ids) - 0.2) < 0.05
+
+
 @pytest.mark.shared
 def test_real_hw3_sample() -> None:
     root = SHARED / "hw3_sample"

@@ -283,7 +283,7 @@ def _invoke_train(*args):
     ("--val-fraction", 1, "--val-fraction 1"), ("--val-fraction", -0.1, "--val-fraction -0.1"),
     ("--crop-size", -1, "--crop-size -1"), ("--workers", -2, "--workers -2"), ("--scale", 0, "--scale 0"),
     ("--scheduler", "linear", "unknown scheduler"), ("--warmup-iters", -5, "--warmup-iters -5"),
-    ("--arch", "resnet9000", "resnet9000"), ("--set", "no_such_setting=1", "no_such_setting"),
+    ("--split", "tiles", "unknown split"), ("--arch", "resnet9000", "resnet9000"), ("--set", "no_such_setting=1", "no_such_setting"),
 ])
 def test_impossible_settings_are_one_line_errors_before_any_work(data, tmp_path, monkeypatch, option, value, words):
     import cellseg.data.dataset as dataset_mod
@@ -334,7 +334,8 @@ def test_unwritable_run_folder_fails_before_any_work(data, tmp_path, monkeypatch
 
 
 def _copy_with_split(data: Path, dest: Path, val_fraction: float) -> tuple[Path, list[Path]]:
-    """A copy of the synthetic data set and the sample folders `fit` puts in its validation split."""
+    """A copy of the synthetic data set and the sample folders `fit` puts in its validation split
+    when the split goes by sample count only (`split="groups"`)."""
     import shutil
 
     from cellseg.data.hw3 import split_train_val
@@ -354,7 +355,7 @@ def test_bad_validation_sample_fails_before_the_first_epoch(data, tmp_path, monk
     bad.write_bytes(b"II*\x00 truncated")
     monkeypatch.setattr(train_mod, "train_one_epoch", lambda *a, **k: pytest.fail("trained before checking"))
     with pytest.raises(DataError, match="image.tif") as err:
-        fit(tiny_cfg(copy, tmp_path / "run"))
+        fit(tiny_cfg(copy, tmp_path / "run", split="groups"))
     assert str(bad) in str(err.value) and "\n" not in str(err.value)
     # a label image whose shape differs from its image's
     bad.unlink()
@@ -363,7 +364,7 @@ def test_bad_validation_sample_fails_before_the_first_epoch(data, tmp_path, monk
     import tifffile
     tifffile.imwrite(val_dirs[0] / "class1.tif", np.zeros((5, 7), np.uint16))
     with pytest.raises(DataError, match="class1.tif.*shape"):
-        fit(tiny_cfg(copy, tmp_path / "run"))
+        fit(tiny_cfg(copy, tmp_path / "run", split="groups"))
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
@@ -373,7 +374,7 @@ def test_validation_split_without_instances_has_its_own_message(data, tmp_path, 
         for f in d.glob("class*.tif"):
             f.unlink()
     run = tmp_path / "run"
-    fit(tiny_cfg(copy, run, progress=True))
+    fit(tiny_cfg(copy, run, progress=True, split="groups"))
     err = capsys.readouterr().err
     assert "no validation split" not in err
     assert "validation split" in err and "has no instances" in err
@@ -394,13 +395,15 @@ def test_config_round_trips_and_old_run_dirs_still_resume(data, tmp_path):
     fit(tiny_cfg(data, run))
     stored = json.loads((run / "config.json").read_text())
     assert stored["model_overrides"] == TINY_MODEL and stored["scheduler"] == "cosine"
+    assert load_checkpoint(run / "best.pt").metadata["training"]["split"] == "classes"
     # a run made before the typed fields kept them in a free-form "extra" dict
     legacy = {k: v for k, v in stored.items() if k not in ("model_overrides", "scheduler", "warmup_iters",
-                                                             "progress", "cache")}
+                                                             "progress", "cache", "split")}
     legacy["extra"] = {"model": TINY_MODEL, "progress": False, "scheduler": "multistep", "warmup_iters": 7}
     (run / "config.json").write_text(json.dumps(legacy))
     old = train_mod._read_config(run, tiny_cfg(data, run, resume=True))
     assert old.scheduler == "multistep" and old.warmup_iters == 7 and dict(old.model_overrides) == TINY_MODEL
+    assert stored["split"] == "classes" and old.split == "groups"  # the split runs of then were made with
     assert fit(tiny_cfg(data, run, resume=True)).exists()  # finished run: repairs only
     (run / "config.json").write_text("{not json")
     with pytest.raises(TrainingError, match="config.json: cannot read"):
@@ -412,7 +415,7 @@ def test_spec_records_the_largest_training_object(data, tmp_path):
     from cellseg.data.hw3 import split_train_val
 
     run = tmp_path / "run"
-    fit(tiny_cfg(data, run, scale=0.5))
+    fit(tiny_cfg(data, run, scale=0.5, split="groups"))
     spec = load_checkpoint(run / "best.pt").spec
     root = find_train_root(data)
     dirs = list_sample_dirs(root)

@@ -231,37 +231,93 @@ def sample_group(sample_id: str) -> str:
 
 
 def split_train_val(
-    sample_ids: list[str], val_fraction: float, seed: int
+    sample_ids: list[str], val_fraction: float, seed: int,
+    class_counts: dict[str, np.ndarray] | None = None,
 ) -> tuple[list[str], list[str]]:
     """Deterministic split by group (see sample_group): no group straddles train and val.
 
-    Groups are visited in a seeded random order; a group joins val when that brings the val
-    sample count closer to val_fraction * n (the first always joins). With val_fraction > 0 and
-    >= 2 groups val gets at least one group and train keeps at least one. Order of the input is
-    kept within each list.
+    Without `class_counts` groups are visited in a seeded random order; a group joins val when
+    that brings the val sample count closer to val_fraction * n (the first always joins). With
+    `class_counts` (sample id -> instances per class) the split is stratified: see
+    _stratified_val_groups. With val_fraction > 0 and >= 2 groups val gets at least one group and
+    train keeps at least one. Order of the input is kept within each list.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise InputError(f"val_fraction must be in [0, 1), got {val_fraction}")
     ids = list(sample_ids)
-    groups: dict[str, int] = {}
+    sizes: dict[str, int] = {}
     for sid in ids:
-        groups[sample_group(sid)] = groups.get(sample_group(sid), 0) + 1
-    names = sorted(groups)
+        sizes[sample_group(sid)] = sizes.get(sample_group(sid), 0) + 1
+    names = sorted(sizes)
     if val_fraction == 0.0 or len(names) < 2:
         return ids, []
-    target = val_fraction * len(ids)
-    order = np.random.default_rng(seed).permutation(len(names))
-    val_groups: list[str] = []
-    count = 0
-    for idx in order:
-        name = names[idx]
-        size = groups[name]
-        if not val_groups or abs(count + size - target) < abs(count - target):
-            val_groups.append(name)
-            count += size
-    if len(val_groups) == len(names):
-        val_groups.pop()
-    chosen = set(val_groups)
+    order = [names[i] for i in np.random.default_rng(seed).permutation(len(names))]
+    if class_counts is None:
+        chosen = _sized_val_groups(order, sizes, val_fraction * len(ids))
+    else:
+        chosen = _stratified_val_groups(order, sizes, _group_class_counts(ids, class_counts), val_fraction)
     train = [s for s in ids if sample_group(s) not in chosen]
     val = [s for s in ids if sample_group(s) in chosen]
     return train, val
+
+
+def _sized_val_groups(order: list[str], sizes: dict[str, int], target: float) -> set[str]:
+    val_groups: list[str] = []
+    count = 0
+    for name in order:
+        if not val_groups or abs(count + sizes[name] - target) < abs(count - target):
+            val_groups.append(name)
+            count += sizes[name]
+    if len(val_groups) == len(order):
+        val_groups.pop()
+    return set(val_groups)
+
+
+def _group_class_counts(ids: list[str], class_counts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    width = max((len(np.asarray(c)) for c in class_counts.values()), default=0)
+    totals: dict[str, np.ndarray] = {}
+    for sid in ids:
+        counts = np.zeros(width, np.float64)
+        given = np.asarray(class_counts.get(sid, ()), np.float64)
+        counts[:len(given)] = given
+        group = sample_group(sid)
+        totals[group] = totals.get(group, np.zeros(width, np.float64)) + counts
+    return totals
+
+
+def _stratified_val_groups(order: list[str], sizes: dict[str, int], counts: dict[str, np.ndarray],
+                           val_fraction: float) -> set[str]:
+    """Val groups whose samples and instances of every class come closest to val_fraction of the
+    whole, so validation scores every class (a split by sample count alone can leave a common
+    class out of val when classes cluster in source images). Greedy from the seed's first
+    group: add the group that lowers the cost most, until none does. A group is never taken
+    when that would leave a class with no training instance."""
+    total = sum(counts.values())
+    classes = total > 0
+    target_samples = val_fraction * sum(sizes.values())
+    target = val_fraction * total
+
+    def cost(samples: float, instances: np.ndarray) -> float:
+        size_gap = abs(samples - target_samples) / max(target_samples, 1.0)
+        class_gaps = np.abs(instances - target)[classes] / np.maximum(target[classes], 1.0)
+        return float(size_gap + class_gaps.sum())
+
+    def keeps_training_data(instances: np.ndarray) -> bool:
+        return bool(np.all(instances[classes] < total[classes]))
+
+    first = next((g for g in order if keeps_training_data(counts[g])), order[0])
+    chosen, samples, instances = [first], float(sizes[first]), counts[first].copy()
+    while len(chosen) < len(order) - 1:
+        best, best_cost = None, cost(samples, instances)
+        for group in order:
+            if group in chosen or not keeps_training_data(instances + counts[group]):
+                continue
+            trial = cost(samples + sizes[group], instances + counts[group])
+            if trial < best_cost - 1e-12:
+                best, best_cost = group, trial
+        if best is None:
+            break
+        chosen.append(best)
+        samples += sizes[best]
+        instances += counts[best]
+    return set(chosen)
