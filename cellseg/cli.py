@@ -214,8 +214,9 @@ def eval_(results: Path = typer.Argument(..., help="COCO results JSON"),
           gt: Path = typer.Option(..., "--gt", help="COCO GT JSON or HW3 layout root"),
           json_out: Optional[Path] = typer.Option(None, "--json", help="write the metrics here"),
           force: bool = typer.Option(False, "--force")):
-    """COCO segm and bbox AP / AP50 / AP75 and per-class AP, maxDets sized from the GT."""
-    from cellseg.evaluate import evaluate_coco, load_results
+    """COCO segm and bbox AP / AP50 / AP75 and per-class AP, maxDets sized from the GT; per class,
+    the share of nuclei found (mask IoU >= 0.5, any class) and found with the right class."""
+    from cellseg.evaluate import class_recall, evaluate_coco, load_results
     from cellseg.fileio import atomic_write_json, check_writable
 
     if json_out is not None:
@@ -233,9 +234,20 @@ def eval_(results: Path = typer.Argument(..., help="COCO results JSON"),
         per_class = ", ".join(f"{k} {_fmt(v, 3)}" for k, v in m["per_class"].items())
         rows.append((iou_type, _fmt(m["AP"]), _fmt(m["AP50"]), _fmt(m["AP75"]), str(m["max_dets"]), per_class))
     _echo_table(f"COCO evaluation of {results.name}", rows, ("type", "AP", "AP50", "AP75", "maxDets", "per class AP"))
+    if "segm" in metrics:
+        _echo_class_recall(metrics["segm"], class_recall(gt_dict, detections))
     if json_out is not None:
         atomic_write_json(json_out, metrics, force=force, indent=2)
         typer.echo(f"wrote {json_out}")
+
+
+def _echo_class_recall(segm: dict, recall: dict[str, dict]) -> None:
+    """Per class: where its AP goes (recorded in the segm metrics as `per_class_recall`)."""
+    segm["per_class_recall"] = recall
+    rows = [(name, str(r["gt"]), _fmt(r["found"], 3), _fmt(r["named"], 3), _fmt(segm["per_class_AP50"].get(name), 3))
+            for name, r in recall.items()]
+    _echo_table("per class: GT instances covered at mask IoU >= 0.5", rows,
+                ("class", "GT", "found (any class)", "named (own class)", "AP50"))
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:

@@ -343,3 +343,46 @@ def _rle(r: dict) -> dict:
         raise InputError(f"result for image {r.get('image_id')}: match_instances needs an RLE 'segmentation'")
     counts = seg["counts"]
     return {"size": list(seg["size"]), "counts": counts.encode() if isinstance(counts, str) else counts}
+
+
+def class_recall(gt: dict, results: Sequence[dict], iou: float = 0.5) -> dict[str, dict[str, Any]]:
+    """Where a class's AP goes: per class, of its GT instances the share some result covers at
+    mask IoU >= `iou` whatever class it names ("found": the nucleus was found and outlined), and
+    the share a result naming the right class covers ("named"). found - named is what
+    classification costs; 1 - found what detection and outlining cost. Every result counts
+    (no score cut), as HoVer-Net's detection / classification split does.
+    Returns {class name: {"gt", "found", "named"}} (shares None for a class without GT)."""
+    import pycocotools.mask as mask_utils
+
+    _check_gt(gt)
+    _check_results_against_gt(gt, results, "results", ("segm",))
+    coco_gt = _coco_gt(gt)
+    dets_of: dict[int, list[dict]] = defaultdict(list)
+    for r in results:
+        dets_of[int(r["image_id"])].append(r)
+    anns_of: dict[int, list[dict]] = defaultdict(list)
+    for ann in coco_gt.dataset["annotations"]:
+        anns_of[int(ann["image_id"])].append(ann)
+    counts = {int(c["id"]): [0, 0, 0] for c in gt["categories"]}
+    for image_id, anns in anns_of.items():
+        dets = dets_of.get(image_id, [])
+        covers = np.zeros((len(dets), len(anns)), bool)
+        if dets:
+            ious = mask_utils.iou([_rle(d) for d in dets], [coco_gt.annToRLE(a) for a in anns], [0] * len(anns))
+            covers = np.asarray(ious).reshape(len(dets), len(anns)) >= iou
+        det_classes = np.array([int(d["category_id"]) for d in dets], np.int64)
+        for j, ann in enumerate(anns):
+            tally = counts[int(ann["category_id"])]
+            tally[0] += 1
+            tally[1] += bool(covers[:, j].any())
+            tally[2] += bool((covers[:, j] & (det_classes == int(ann["category_id"]))).any())
+    names = _cat_names(gt)
+    return {names[k]: {"gt": n, "found": found / n if n else None, "named": named / n if n else None}
+            for k, (n, found, named) in counts.items()}
+
+
+def _coco_gt(gt: dict) -> Any:
+    from faster_coco_eval import COCO
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return COCO(_prepared_gt(gt))

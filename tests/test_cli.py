@@ -79,6 +79,10 @@ def test_convert_then_eval_gt_against_itself_is_perfect(synth_root, tmp_path):
     metrics = json.loads(metrics_path.read_text())
     assert metrics["segm"]["AP"] == pytest.approx(1.0)
     assert metrics["bbox"]["AP"] == pytest.approx(1.0)
+    recall = metrics["segm"]["per_class_recall"]
+    assert all(r["found"] == r["named"] == 1.0 for r in recall.values() if r["gt"])
+    assert sum(r["gt"] for r in recall.values()) == len(data["annotations"])
+    assert "named (own class)" in res.output
     # the HW3 root works as --gt too
     res = invoke("eval", res_path, "--gt", synth_root / "train")
     assert res.exit_code == 0, res.output

@@ -10,7 +10,7 @@ import pycocotools.mask as mask_utils
 import pytest
 
 from cellseg.errors import InputError
-from cellseg.evaluate import (evaluate_coco, load_results, match_instances, max_dets_for,
+from cellseg.evaluate import (class_recall, evaluate_coco, load_results, match_instances, max_dets_for,
                               pycocotools_ap)
 
 
@@ -195,6 +195,27 @@ def test_match_instances_basic():
     assert match_instances([], ref)["matched_share"] == 0.0
     with pytest.raises(InputError, match="mask size"):
         match_instances(ref, [_det(1, 1, np.zeros((30, 40), bool), 0.9)])
+
+
+def test_class_recall_splits_finding_from_naming():
+    masks = [_square(40, 40, 2, 2, 10), _square(40, 40, 20, 20, 10), _square(40, 40, 2, 25, 8),
+             _square(40, 40, 25, 2, 8)]
+    gt = {"images": [{"id": 1, "height": 40, "width": 40}, {"id": 2, "height": 40, "width": 40}],
+          "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}, {"id": 3, "name": "c"}],
+          "annotations": [{"id": i + 1, "image_id": 1, "category_id": c, "segmentation": _rle(m), "area": int(m.sum()),
+                           "bbox": [0, 0, 1, 1]} for i, (c, m) in enumerate(zip((1, 1, 2, 2), masks))]}
+    gt["annotations"].append({**gt["annotations"][0], "id": 9, "image_id": 2})  # an image nobody detects in
+    results = [_det(1, 1, masks[0], 0.9),                     # a: found, named
+               _det(1, 2, masks[1], 0.8),                     # a: found, named b
+               _det(1, 2, _square(40, 40, 2, 29, 8), 0.7),    # b: IoU 32/96 < 0.5, not found
+               _det(1, 1, masks[3], 0.2), _det(1, 2, masks[3], 0.1)]  # b: found, named (second label)
+    r = class_recall(gt, results)
+    assert r["a"] == {"gt": 3, "found": pytest.approx(2 / 3), "named": pytest.approx(1 / 3)}
+    assert r["b"] == {"gt": 2, "found": 0.5, "named": 0.5}
+    assert r["c"] == {"gt": 0, "found": None, "named": None}
+    assert class_recall(gt, [])["a"]["found"] == 0.0
+    with pytest.raises(InputError, match="image"):
+        class_recall(gt, [_det(7, 1, masks[0], 0.9)])
 
 
 def test_pycocotools_summarize_ignores_large_max_dets(gt):
