@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torchvision.models.detection.transform import resize_boxes
 
 from cellseg.errors import VerificationError
+from cellseg.export.onnx_graphs import with_exportable_norms
 
 OUTPUT_NAMES = ("boxes", "labels", "scores", "mask_probs")
 
@@ -38,7 +39,7 @@ class EndToEnd(nn.Module):
 
 
 def export_end_to_end(model: nn.Module, path: Path, opset: int, example_hw: tuple[int, int]) -> None:
-    wrapper = EndToEnd(model).eval()
+    wrapper = EndToEnd(with_exportable_norms(model)).eval()
     example = torch.rand(3, *example_hw, generator=torch.Generator().manual_seed(1))
     axes = {"image": {1: "height", 2: "width"}, **{n: {0: "detections"} for n in OUTPUT_NAMES}}
     with warnings.catch_warnings(), torch.no_grad():

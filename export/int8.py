@@ -292,14 +292,19 @@ class ArrayReader:
 def layers_kept_fp32(proto, keep: tuple[str, ...]) -> list[str]:
     """Names of the nodes left unquantised: the conv fed by the images ("first_conv") and the
     layers writing a prediction output ("output_layers": RPN objectness and deltas, class
-    logits, box regression, mask logits; not the FPN feature maps, which are pooled, not read)."""
+    logits, box regression, mask logits; not the FPN feature maps, which are pooled, not read).
+    Always kept: the 1x1 convs that average GroupNorm's channel means over each group (fed by a
+    ReduceMean, see ReshapeFreeGroupNorm): they compute statistics, not features."""
     weighted = ("Conv", "ConvTranspose", "Gemm", "MatMul")
     predictions = {o.name for o in proto.graph.output if not o.name.startswith(FEATURE_PREFIX)}
+    means = {out for node in proto.graph.node if node.op_type == "ReduceMean" for out in node.output}
     names = []
     for node in proto.graph.node:
         if node.op_type not in weighted:
             continue
-        if "first_conv" in keep and node.input[0] == BACKBONE_INPUT:
+        if node.input[0] in means:
+            names.append(node.name)
+        elif "first_conv" in keep and node.input[0] == BACKBONE_INPUT:
             names.append(node.name)
         elif "output_layers" in keep and set(node.output) & predictions:
             names.append(node.name)

@@ -90,6 +90,39 @@ def test_a_narrow_fpn_exports_and_verifies(tmp_path):
     assert report["end_to_end"]["max_error"] <= report["end_to_end"]["tolerance"]
 
 
+@pytest.mark.parametrize("shape", [(0, 32, 14, 14), (3, 64, 7, 5), (1, 16, 1, 1)])
+def test_reshape_free_group_norm_is_group_norm(shape):
+    from cellseg.export.onnx_graphs import ReshapeFreeGroupNorm
+
+    ref = torch.nn.GroupNorm(8, shape[1])
+    torch.nn.init.normal_(ref.weight)
+    torch.nn.init.normal_(ref.bias)
+    swapped = ReshapeFreeGroupNorm(8, shape[1])
+    swapped.load_state_dict(ref.state_dict())  # the group-average buffer is not part of the state
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    torch.testing.assert_close(swapped(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+def test_group_norm_model_runs_on_an_image_without_detections(tmp_path):
+    """GroupNorm in the mask head meets zero RoIs on an image without detections; the ONNX graphs
+    must run there (onnxruntime's optimiser makes torch's GroupNorm reshape fail on N = 0)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from cellseg.export.exporter import export_model
+    from helpers import save_tiny_checkpoint
+
+    ckpt = save_tiny_checkpoint(tmp_path / "gn.pt", tiny_spec(norm="gn", fpn_channels=32, box_score_thresh=0.999))
+    out = export_model(ckpt, tmp_path / "export")
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    boxes, labels, scores, masks = session.run(None, {"image": np.zeros((3, 64, 80), np.float32)})
+    assert boxes.shape == (0, 4) and masks.shape[0] == 0
+    mask_head = ort.InferenceSession(str(next(out.glob("mask_head*.onnx"))), providers=["CPUExecutionProvider"])
+    name = mask_head.get_inputs()[0].name
+    channels = mask_head.get_inputs()[0].shape[1]
+    assert mask_head.run(None, {name: np.zeros((0, channels, 14, 14), np.float32)})[0].shape[0] == 0
+
+
 def test_graphs_have_dynamic_axes(exported):
     out = exported[1]
     backbone = onnx.load(str(out / "backbone.onnx"))

@@ -169,3 +169,21 @@ def test_tensorrt_refuses_int8_graphs_of_the_cpu_scheme(tmp_path, int8_export, t
         build_engines(folder, tiny_spec(), tiny_weights_hash, int8=True, trt=fake_tensorrt("10.8.0", []),
                       gpu=("g", (8, 0)), force=True)
     assert not list(folder.glob("*.engine"))
+
+
+def test_group_norm_statistics_stay_fp32(tmp_path):
+    """The group-averaging convs of an exported GroupNorm compute means, not features: they are
+    never quantised, while an ordinary conv is, unless its own rule keeps it."""
+    from cellseg.export.int8 import layers_kept_fp32
+    from cellseg.export.onnx_graphs import with_exportable_norms
+
+    net = with_exportable_norms(torch.nn.Sequential(torch.nn.Conv2d(4, 16, 3), torch.nn.GroupNorm(4, 16),
+                                                    torch.nn.Conv2d(16, 8, 1)))
+    path = tmp_path / "gn.onnx"
+    torch.onnx.export(net, (torch.rand(1, 4, 9, 9),), str(path), dynamo=False, opset_version=17,
+                      input_names=["x"], output_names=["y"])
+    proto = onnx.load(str(path))
+    convs = [n.name for n in proto.graph.node if n.op_type == "Conv"]
+    kept = layers_kept_fp32(proto, ())
+    assert len(convs) == 4 and len(kept) == 2
+    assert all("/1/" in name for name in kept)  # the GroupNorm's two, not the feature convs
