@@ -37,8 +37,9 @@ ResNet-18-FPN Mask R-CNN from random init on a CPU. Why each setting:
 The probe this starts from: ResNet-18-FPN + GN, native 256 px crops, anchors 8-128, AdamW,
 cosine: val AP 0.10 / AP50 0.25 after 45 minutes on 2 cores, not plateaued. Measured with this
 recipe on CoNSeP (bench/results/2026-12-01-train-consep-cpu-scratch-*): a 2-hour budget gives
-val segm AP50 0.30 at its best epoch (66 minutes), then drifts down; the other settings above
-have not had their own proxy runs yet.
+val segm AP50 0.30 at its best epoch (0.303 on the class-stratified split, at 87 minutes; 0.304
+on the older split without class3), then holds; the other settings above have not had their own
+proxy runs yet.
 """
 from __future__ import annotations
 
