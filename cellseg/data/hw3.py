@@ -274,14 +274,10 @@ def _sized_val_groups(order: list[str], sizes: dict[str, int], target: float) ->
 
 
 def _group_class_counts(ids: list[str], class_counts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    width = max((len(np.asarray(c)) for c in class_counts.values()), default=0)
     totals: dict[str, np.ndarray] = {}
     for sid in ids:
-        counts = np.zeros(width, np.float64)
-        given = np.asarray(class_counts.get(sid, ()), np.float64)
-        counts[:len(given)] = given
         group = sample_group(sid)
-        totals[group] = totals.get(group, np.zeros(width, np.float64)) + counts
+        totals[group] = totals.get(group, 0.0) + np.asarray(class_counts[sid], np.float64)
     return totals
 
 
