@@ -49,6 +49,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform, res
 
 from cellseg.config import ARCHS, ModelSpec
 from cellseg.errors import CheckpointError, InputError
+from cellseg.roi_align import ParallelRoIAlign
 from cellseg.tv_compat import resnet_fpn_extractor, rpn_test_budgets, set_rpn_test_budgets
 
 DEFAULT_MASK_HEAD = (256, 256, 256, 256)
@@ -58,6 +59,7 @@ LIGHT_BOX_HEAD_DIM = 512
 MIN_ANCHOR = 8
 MIN_DETECTIONS = 1000
 GN_GROUPS = 32
+FPN_LEVELS = ["0", "1", "2", "3"]  # the levels torchvision's RoI poolers read ("pool" is the RPN's only)
 
 
 class NativeScaleTransform(GeneralizedRCNNTransform):

@@ -1,5 +1,6 @@
 """cellseg.roi_align: the CPU multi-scale RoIAlign equals torchvision's MultiScaleRoIAlign (up to
-float rounding) on every kind of box, after its permutation is undone."""
+float rounding) on every kind of box, after its permutation is undone; the training pooler gives
+torchvision's outputs and feature gradients."""
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -9,7 +10,7 @@ import torch
 from torchvision.ops import MultiScaleRoIAlign
 
 from cellseg import roi_align
-from cellseg.roi_align import pool_rois, restore_order
+from cellseg.roi_align import ParallelRoIAlign, pool_rois, restore_order
 
 
 def fpn_features(height: int, width: int, channels: int = 8, seed: int = 0) -> "OrderedDict[str, torch.Tensor]":
@@ -105,3 +106,46 @@ def test_a_shared_level_cache_gives_the_same_pooling_across_calls():
         torch.testing.assert_close(torch.cat(parts), reference(pooler, feats, boxes, (80, 120)),
                                    rtol=1e-5, atol=1e-5)
     assert sorted(cache) == ["0", "1", "2", "3"]
+
+
+def batched_features(images: int, size: tuple[int, int], seed: int = 0) -> "OrderedDict[str, torch.Tensor]":
+    per_image = [fpn_features(*size, seed=seed + i) for i in range(images)]
+    return OrderedDict((k, torch.cat([f[k] for f in per_image]).requires_grad_()) for k in per_image[0])
+
+
+def pooled_and_gradients(pooler, feats, boxes, sizes, grad_seed: int = 1):
+    for level in feats.values():
+        level.grad = None
+    out = pooler(feats, boxes, sizes)
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed)))
+    return out.detach(), {k: v.grad.clone() for k, v in feats.items() if v.grad is not None}
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("output_size,names", [(7, ["0", "1", "2", "3"]), (14, ["0", "1", "2", "3"]), (7, ["2"])])
+def test_training_pooler_gives_torchvision_outputs_and_gradients(monkeypatch, threads, output_size, names):
+    """Boxes of every size over a batch of 3 images (RoIs on all four levels, and boxes on one
+    image that straddle slices): forward and feature gradients equal torchvision's pooler."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    sizes = [(96, 112)] * 3
+    boxes = [mixed_boxes(*sizes[0], n=40, seed=i) for i in range(3)]
+    boxes[1] = boxes[1][:0]  # an image without RoIs
+    feats = batched_features(3, sizes[0])
+    expected = pooled_and_gradients(MultiScaleRoIAlign(names, output_size, 2), feats, boxes, sizes)
+    parallel = ParallelRoIAlign(names, output_size, 2).train()
+    got = pooled_and_gradients(parallel, feats, boxes, sizes)
+    torch.testing.assert_close(got[0], expected[0], rtol=0, atol=0)
+    assert sorted(got[1]) == sorted(expected[1])
+    for name in expected[1]:
+        torch.testing.assert_close(got[1][name], expected[1][name], rtol=1e-5, atol=1e-5)
+
+
+def test_training_pooler_is_torchvisions_in_eval_mode_and_when_tracing(monkeypatch):
+    feats, boxes = fpn_features(64, 64), mixed_boxes(64, 64, n=10)
+    pooler = ParallelRoIAlign(["0", "1", "2", "3"], 7, 2)
+    used = []
+    monkeypatch.setattr(roi_align._ParallelRoIAlignFunction, "apply", lambda *a: used.append(a) or 1 / 0)
+    eval_out = pooler.eval()(feats, [boxes], [(64, 64)])
+    assert torch.equal(eval_out, reference(pooler, feats, boxes, (64, 64))) and not used
+    monkeypatch.setattr(torch.jit, "is_tracing", lambda: True)
+    assert torch.equal(pooler.train()(feats, [boxes], [(64, 64)]), eval_out) and not used
