@@ -70,6 +70,7 @@ def test_recipe_and_settings_recorded_in_checkpoint_metadata(data, tmp_path):
     assert recipe["settings"]["model"]["norm"] == "gn"
     assert best.spec.norm == "gn" and best.spec.box_positive_fraction == 0.5
     assert recipe["settings"]["model"]["fpn_channels"] == 64 and best.spec.fpn_channels == 64
+    assert list(recipe["settings"]["model"]["mask_head_channels"]) == [64, 64] and best.spec.mask_head_channels == (64, 64)
     assert isinstance(dict(best.state_dict)["backbone.body.bn1.weight"], torch.Tensor)
     assert json.loads((run / "config.json").read_text())["recipe"] == "cpu-scratch"
     # a damaged recipe record is refused like any other bad metadata
