@@ -7,8 +7,9 @@ suppression off, so the mask head runs only on the detections above the floor an
 are the floor's own. Per floor: segm/bbox AP and AP50 (cellseg.evaluate), detections, ms per
 image (predict + paste + RLE), the mask head's ms, and duplicate pairs (same class, mask IoU >
 0.5, the criterion of the tiled-inference check). The same results then go through
-`cellseg.postprocess.suppress_mask_overlaps` at each suppression threshold (exactly what
-Predictor.to_coco does per image): AP, detections, duplicate pairs and its ms per image.
+`cellseg.postprocess.apply_output_rules` at each suppression threshold, without and with the
+score decay (`mask_score_decay` none / matrix; exactly what Predictor.to_coco does per image):
+AP, detections, duplicate pairs and its ms per image.
 
     python -m cellseg.bench.floor_curve MODEL --data crops=/tmp/m/val/crops \\
         --data mosaics=/tmp/m/g4/mosaics --backend onnxruntime --out-dir bench/results
@@ -29,6 +30,7 @@ from typing import Any
 
 from cellseg.bench.core import environment_info, fmt, fmt_ms, latency_stats_ms, stages_ms
 from cellseg.bench.results_files import run_as_command, write_results
+from cellseg.config import MASK_SCORE_DECAYS
 
 DEFAULT_FLOORS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5)
 DEFAULT_NMS = (1.0, 0.7, 0.5, 0.3)  # 1.0 = off
@@ -65,15 +67,15 @@ def duplicate_pairs(results: Sequence[dict], iou: float = DUPLICATE_IOU) -> int:
     return sum(pairs_in_image(entries, iou) for entries in by_image.values())
 
 
-def suppressed(results: Sequence[dict], thresh: float) -> tuple[list[dict], float]:
-    """The results after per-image mask suppression, and the seconds it took."""
-    from cellseg.postprocess import suppress_mask_overlaps
+def suppressed(results: Sequence[dict], thresh: float, decay: str = "none") -> tuple[list[dict], float]:
+    """The results after per-image mask suppression and score decay, and the seconds it took."""
+    from cellseg.postprocess import apply_output_rules
 
     by_image: dict[int, list[dict]] = defaultdict(list)
     for e in results:
         by_image[e["image_id"]].append(e)
     t = time.perf_counter()
-    out = [e for entries in by_image.values() for e in suppress_mask_overlaps(entries, thresh)]
+    out = [e for entries in by_image.values() for e in apply_output_rules(entries, thresh, decay)]
     return out, time.perf_counter() - t
 
 
@@ -108,9 +110,10 @@ def measure_dataset(predictor: Any, name: str, path: Path, floors: Sequence[floa
                      "mask_head_ms": run["stages_ms"].get("mask_head", 0.0), "latency_ms": lat,
                      "stages_ms": run["stages_ms"]})
         for thresh in nms:
-            kept, seconds = suppressed(run["results"], thresh)
-            nms_rows.append({"floor": floor, "mask_nms_thresh": thresh, **scored(gt, kept),
-                             "nms_ms_per_image": 1000.0 * seconds / len(run["image_ids"])})
+            for decay in MASK_SCORE_DECAYS:
+                kept, seconds = suppressed(run["results"], thresh, decay)
+                nms_rows.append({"floor": floor, "mask_nms_thresh": thresh, "mask_score_decay": decay,
+                                 **scored(gt, kept), "nms_ms_per_image": 1000.0 * seconds / len(run["image_ids"])})
     return {"name": name, "data": str(path), "images": len(run["image_ids"]),
             "gt_instances": len(gt["annotations"]), "floors": rows, "mask_nms": nms_rows}
 
@@ -128,7 +131,8 @@ def render_markdown(report: dict) -> str:
              f"Machine: {env['cpu_model']} (ISA: {', '.join(env['cpu_isa']) or '?'}), {env['cpu_affinity']} usable "
              f"cores, torch threads {env['torch_threads']}. Model `{s['model']}`, backend {s['backend']}. "
              f"One untimed warm-up image per floor, then each image once. Mask suppression off while timing the "
-             f"floors; the suppression table applies `suppress_mask_overlaps` to the same results. "
+             f"floors; the suppression table applies `apply_output_rules` (suppression, then the score decay or not) "
+             f"to the same results. "
              f"Duplicate pairs: same class, mask IoU > {DUPLICATE_IOU}.", ""]
     if s.get("note"):
         lines += [f"Note: {s['note']}", ""]
@@ -140,9 +144,10 @@ def render_markdown(report: dict) -> str:
                           fmt(r["bbox_AP"], ".4f"), fmt_ms(r["ms_per_image"]), fmt_ms(r["mask_head_ms"]),
                           fmt(100 * r["dup_pairs"] / max(1, r["dets"]), ".2f")] for r in ds["floors"]])
         lines += ["", "### Mask-overlap suppression (1.00 = off)", ""]
-        lines += _table(["floor", "mask_nms_thresh", "dets", "segm AP", "segm AP50", "bbox AP", "dup pairs",
-                         "dup pairs %", "suppression ms/image"],
-                        [[fmt(r["floor"], ".2f"), fmt(r["mask_nms_thresh"], ".2f"), str(r["dets"]),
+        lines += _table(["floor", "mask_nms_thresh", "score decay", "dets", "segm AP", "segm AP50", "bbox AP",
+                         "dup pairs", "dup pairs %", "suppression ms/image"],
+                        [[fmt(r["floor"], ".2f"), fmt(r["mask_nms_thresh"], ".2f"), r.get("mask_score_decay", "none"),
+                          str(r["dets"]),
                           fmt(r["segm_AP"], ".4f"), fmt(r["segm_AP50"], ".4f"), fmt(r["bbox_AP"], ".4f"),
                           str(r["dup_pairs"]), fmt(100 * r["dup_pairs"] / max(1, r["dets"]), ".2f"),
                           fmt_ms(r["nms_ms_per_image"])] for r in ds["mask_nms"]])
@@ -207,7 +212,8 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
         raise InputError("--data takes NAME=PATH and --limit a positive number")
     started = datetime.now(timezone.utc)
     predictor = load_predictor(args.model, backend=args.backend)
-    predictor.spec = dataclasses.replace(predictor.spec, mask_nms_thresh=1.0)  # timed without suppression
+    # timed without suppression or decay, which are applied to the results afterwards
+    predictor.spec = dataclasses.replace(predictor.spec, mask_nms_thresh=1.0, mask_score_decay="none")
     datasets = [measure_dataset(predictor, name, path, floors, nms, args.limit) for name, path in sets]
     env = environment_info()
     report = {"schema": "cellseg-floor-curve-v1", "started_utc": started.isoformat(timespec="seconds"),

@@ -126,12 +126,13 @@ class ReferencePipeline:
             chunk = slice(start, start + PASTE_CHUNK)
             full = self._paste(out["mask_probs"][chunk], out["boxes"][chunk], out["image_size"])
             entries += self._encode(full, boxes[chunk], scores[chunk], labels[chunk], image_id)
-        # cellseg's output rules (ModelSpec.score_floor, mask_nms_thresh) applied afterwards: the
-        # seed's work is timed in full, and its results stay comparable with the Predictor's
-        from cellseg.postprocess import suppress_mask_overlaps
+        # cellseg's output rules (ModelSpec.score_floor, mask_nms_thresh, mask_score_decay)
+        # applied afterwards: the seed's work is timed in full, and its results stay comparable
+        # with the Predictor's
+        from cellseg.postprocess import apply_output_rules
 
         kept = [e for e in entries if e["score"] >= self.spec.score_floor]
-        return suppress_mask_overlaps(kept, self.spec.mask_nms_thresh)
+        return apply_output_rules(kept, self.spec.mask_nms_thresh, self.spec.mask_score_decay)
 
     def _paste(self, mask_probs: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """torchvision's paste of 28x28 probabilities into full-size float images (N, 1, H, W)."""

@@ -15,6 +15,7 @@ SCHEMA_VERSION = 1
 ARCHS = ("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2", "maskrcnn_resnet18_fpn")
 # Normalisation layer kinds a ModelSpec may name (see ModelSpec.norm).
 NORMS = ("bn", "gn")
+MASK_SCORE_DECAYS = ("none", "matrix")
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,10 @@ class ModelSpec:
     # IoU above this with a kept one of the same class is dropped (torchvision's NMS compares
     # boxes only). >= 1.0 turns it off.
     mask_nms_thresh: float = 0.5
+    # Then the scores of what mask NMS kept: "matrix" decays each by its mask overlap with
+    # higher-scoring results of its class (Matrix NMS, cellseg.postprocess.decay_overlap_scores),
+    # "none" keeps them. Defaults for every checkpoint, old ones included.
+    mask_score_decay: str = "matrix"
     # Instances per million pixels of the densest training image (after `scale`). At inference the
     # detection and proposal budgets above are minimums: an image gets at least 2x this density
     # times its own area, so a 1024 px tile of the same tissue as 256 px training crops keeps the
@@ -124,6 +129,9 @@ class ModelSpec:
         if not numbers or not 0.0 <= spec.score_floor <= 1.0 or not spec.mask_nms_thresh >= 0.0:
             raise CheckpointError(f"model metadata: score_floor {spec.score_floor!r} must lie in [0, 1] "
                                   f"and mask_nms_thresh {spec.mask_nms_thresh!r} be >= 0")
+        if spec.mask_score_decay not in MASK_SCORE_DECAYS:
+            raise CheckpointError(f"model metadata: unknown mask_score_decay {spec.mask_score_decay!r} "
+                                  f"(known: {', '.join(MASK_SCORE_DECAYS)})")
         return spec
 
 

@@ -30,7 +30,7 @@ from cellseg.config import ModelSpec
 from cellseg.device import resolve_device
 from cellseg.errors import BackendUnavailableError, CheckpointError, InputError
 from cellseg.model import inference_budgets_applied
-from cellseg.postprocess import detections_to_coco, suppress_mask_overlaps
+from cellseg.postprocess import apply_output_rules, detections_to_coco
 from cellseg.roi_align import pool_rois, restore_order
 
 STAGES = ("preprocess", "backbone", "rpn", "box_head", "roi_glue", "mask_head", "paste_rle", "mask_nms")
@@ -122,8 +122,9 @@ class Predictor:
         """The one path from detections to COCO entries (infer, tiles, training's validation,
         bench, the GPU check): the rows selected by `keep` (a bool mask, all when None) through
         the shared box-local paste + RLE at `image_size`, timed as the "paste_rle" stage, then
-        mask-overlap suppression at the spec's `mask_nms_thresh` ("mask_nms"). Boxes must already
-        be in that image's frame (tiles shift theirs first)."""
+        the spec's mask-overlap rules ("mask_nms": suppression at `mask_nms_thresh`, then
+        `mask_score_decay`). Boxes must already be in that image's frame (tiles shift theirs
+        first)."""
         t = time.perf_counter()
         if keep is not None:
             det = Detections(boxes=det.boxes[keep], scores=det.scores[keep], labels=det.labels[keep],
@@ -132,7 +133,7 @@ class Predictor:
                                      image_size, self.spec.category_ids, self.spec.mask_thresh)
         now = time.perf_counter()
         self.stage_seconds["paste_rle"] += now - t
-        entries = suppress_mask_overlaps(entries, self.spec.mask_nms_thresh)
+        entries = apply_output_rules(entries, self.spec.mask_nms_thresh, self.spec.mask_score_decay)
         self.stage_seconds["mask_nms"] += time.perf_counter() - now
         return entries
 

@@ -389,7 +389,8 @@ def test_reference_pastes_in_chunks_exactly_as_torchvision_pastes_all(tiny, monk
     monkeypatch.setattr(reference, "PASTE_CHUNK", 3)
     image = read_image(tiny["data"] / "train" / "sample0" / "image.tif")
     pipe = reference.ReferencePipeline(tiny["model"], torch.device("cpu"))
-    pipe.spec = dataclasses.replace(pipe.spec, score_floor=0.0, mask_nms_thresh=1.0)  # every mask, as the seed
+    pipe.spec = dataclasses.replace(pipe.spec, score_floor=0.0, mask_nms_thresh=1.0,
+                                    mask_score_decay="none")  # every mask and score, as the seed
     chunked = pipe.predict_coco(image, 7)
     ckpt = load_checkpoint(tiny["model"])
     seed = model_from_checkpoint(ckpt.state_dict, ckpt.spec).eval()

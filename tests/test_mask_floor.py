@@ -1,6 +1,7 @@
-"""The score floor (ModelSpec.score_floor: no mask head below it, nothing output below it) and
+"""The score floor (ModelSpec.score_floor: no mask head below it, nothing output below it),
 mask-overlap suppression (ModelSpec.mask_nms_thresh, cellseg.postprocess.suppress_mask_overlaps)
-on the one detections -> COCO path."""
+and the score decay after it (ModelSpec.mask_score_decay, decay_overlap_scores) on the one
+detections -> COCO path."""
 from __future__ import annotations
 
 import dataclasses
@@ -15,7 +16,7 @@ from pycocotools import mask as mask_util
 from cellseg.config import ModelSpec
 from cellseg.errors import CheckpointError
 from cellseg.pipeline import Detections, Predictor, load_predictor
-from cellseg.postprocess import duplicate_pairs, suppress_mask_overlaps
+from cellseg.postprocess import apply_output_rules, decay_overlap_scores, duplicate_pairs, suppress_mask_overlaps
 from helpers import tiny_spec
 
 torch.set_num_threads(1)
@@ -76,14 +77,16 @@ def test_floor_above_every_score_skips_the_mask_head(predictor):
 
 def test_old_metadata_without_the_fields_gets_the_defaults():
     d = tiny_spec().to_dict()
-    del d["score_floor"], d["mask_nms_thresh"]
+    del d["score_floor"], d["mask_nms_thresh"], d["mask_score_decay"]
     spec = ModelSpec.from_dict(d)
     defaults = {f.name: f.default for f in dataclasses.fields(ModelSpec)}
     assert spec.score_floor == defaults["score_floor"] and spec.mask_nms_thresh == defaults["mask_nms_thresh"]
+    assert spec.mask_score_decay == defaults["mask_score_decay"] == "matrix"
 
 
 @pytest.mark.parametrize("field,value", [("score_floor", -0.1), ("score_floor", 1.5), ("score_floor", "high"),
-                                         ("mask_nms_thresh", -1.0), ("mask_nms_thresh", None)])
+                                         ("mask_nms_thresh", -1.0), ("mask_nms_thresh", None),
+                                         ("mask_score_decay", "gaussian"), ("mask_score_decay", None)])
 def test_bad_values_in_metadata_are_refused(field, value):
     with pytest.raises(CheckpointError, match=field):
         ModelSpec.from_dict({**tiny_spec().to_dict(), field: value})
@@ -197,6 +200,87 @@ def test_to_coco_applies_the_spec_threshold():
     off = Bare(tiny_spec(mask_nms_thresh=1.0)).to_coco(det, 1, (64, 64))
     assert [(e["score"], e["category_id"]) for e in on] == [(pytest.approx(0.9), 1), (pytest.approx(0.7), 2)]
     assert len(off) == 3
+
+
+# ------------------------------------------------------------------------------- score decay
+def mask_ious(entries: list[dict]) -> np.ndarray:
+    rles = [dict(e["segmentation"], counts=e["segmentation"]["counts"].encode()) for e in entries]
+    return np.asarray(mask_util.iou(rles, rles, [0] * len(rles))).reshape(len(rles), len(rles))
+
+
+def matrix_nms_reference(entries: list[dict]) -> list[float]:
+    """SOLOv2's Matrix NMS (linear kernel) written densely over every pair: the decayed scores."""
+    n = len(entries)
+    if n == 0:
+        return []
+    order = sorted(range(n), key=lambda i: -entries[i]["score"])  # stable: ties keep input order
+    iou = mask_ious(entries)[np.ix_(order, order)]
+    same = np.array([[entries[i]["category_id"] == entries[j]["category_id"] for j in order] for i in order])
+    upper = np.triu(np.ones((n, n), bool), 1) & same  # [j, i]: j ranked before i, same class
+    pair = np.where(upper, iou, 0.0)
+    best_above = pair.max(0)
+    ratio = np.where(upper, (1 - pair) / np.maximum(1 - best_above[:, None], 1e-6), np.inf)
+    decay = np.minimum(1.0, ratio.min(0))
+    scores = [0.0] * n
+    for rank, i in enumerate(order):
+        scores[i] = entries[i]["score"] * float(decay[rank])
+    return scores
+
+
+def test_a_fragment_inside_a_nucleus_drops_by_its_overlap():
+    whole, part = disc_entry(30, 30, 10, 0.9), disc_entry(30, 36, 4, 0.8)
+    iou = mask_ious([whole, part])[0, 1]
+    assert 0.05 < iou < 0.5  # kept by mask NMS at 0.5
+    out = decay_overlap_scores([part, whole])
+    assert [e["category_id"] for e in out] == [1, 1] and out[1] is whole  # order kept, top untouched
+    assert out[0]["score"] == pytest.approx(0.8 * (1 - iou)) and out[0]["segmentation"] == part["segmentation"]
+    assert part["score"] == 0.8  # the input is not changed
+
+
+def test_no_decay_without_overlap_or_across_classes():
+    entries = [disc_entry(15, 15, 6, 0.5), disc_entry(45, 45, 6, 0.9), disc_entry(15, 16, 6, 0.7, cat=2)]
+    assert decay_overlap_scores(entries) == entries
+
+
+def test_an_entry_already_decayed_decays_the_next_one_less():
+    """Compensation: c overlaps b as much as b overlaps a, so c keeps its score."""
+    a, b, c = disc_entry(30, 20, 8, 0.9), disc_entry(30, 30, 8, 0.8), disc_entry(30, 40, 8, 0.7)
+    iou = mask_ious([a, b, c])
+    assert iou[0, 2] == 0 and iou[0, 1] == pytest.approx(iou[1, 2])
+    out = decay_overlap_scores([a, b, c])
+    assert out[1]["score"] == pytest.approx(0.8 * (1 - iou[0, 1])) and out[2]["score"] == pytest.approx(0.7)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(8, 56), st.integers(8, 56), st.integers(2, 9), st.floats(0.05, 1.0),
+                          st.integers(1, 2)), min_size=0, max_size=40))
+def test_decay_equals_dense_matrix_nms(discs):
+    entries = [disc_entry(cy, cx, r, s, cat) for cy, cx, r, s, cat in discs]
+    got = [e["score"] for e in decay_overlap_scores(entries)]
+    np.testing.assert_allclose(got, matrix_nms_reference(entries), rtol=1e-9, atol=1e-12)
+
+
+def test_decay_equals_dense_matrix_nms_on_a_crowded_image(monkeypatch):
+    """120 overlapping discs of two classes, in blocks of every size against their neighbours."""
+    import cellseg.postprocess as pp
+
+    rng = np.random.default_rng(3)
+    entries = [disc_entry(*rng.uniform(6, 58, 2), rng.uniform(2, 8), float(rng.random()), int(rng.integers(1, 3)))
+               for _ in range(120)]
+    expected = matrix_nms_reference(entries)
+    assert sum(e["score"] != x for e, x in zip(entries, expected)) > 30
+    for rows in (1, 7, 500):
+        monkeypatch.setattr(pp, "_PAIR_ROWS", rows)
+        np.testing.assert_allclose([e["score"] for e in decay_overlap_scores(entries)], expected, rtol=1e-9)
+
+
+def test_output_rules_suppress_then_decay():
+    a, dup, part = disc_entry(30, 30, 10, 0.9), disc_entry(30, 31, 10, 0.85), disc_entry(30, 37, 5, 0.8)
+    kept = suppress_mask_overlaps([a, dup, part], 0.5)
+    assert kept == [a, part]
+    assert apply_output_rules([a, dup, part], 0.5, "none") == kept
+    assert apply_output_rules([a, dup, part], 0.5, "matrix") == decay_overlap_scores(kept)
+    assert apply_output_rules([a, dup, part], 0.5, "matrix")[1]["score"] < 0.8
 
 
 def test_tiled_inference_with_suppression_still_merges_seams(tmp_path):

@@ -454,7 +454,7 @@ def test_validation_through_the_pipeline_matches_the_raw_model_path(data, monkey
         monkeypatch.setattr(roi_align_mod, "fast_path_applies", lambda *a: False)
     from cellseg.data.hw3 import read_sample
     from cellseg.model import build_model, predict_raw, spec_from_data
-    from cellseg.postprocess import detections_to_coco, suppress_mask_overlaps
+    from cellseg.postprocess import apply_output_rules, detections_to_coco
 
     root = find_train_root(data)
     dirs = list_sample_dirs(root)
@@ -475,8 +475,8 @@ def test_validation_through_the_pipeline_matches_the_raw_model_path(data, monkey
         det = predict_raw(model.eval(), [torch.from_numpy(s.image.transpose(2, 0, 1).copy())])[0]
         entries = detections_to_coco(image_id, det["boxes"], det["scores"], det["labels"], det["mask_probs"],
                                      s.image.shape[:2], spec.category_ids, spec.mask_thresh)
-        raw.extend(suppress_mask_overlaps([e for e in entries if e["score"] >= spec.score_floor],
-                                          spec.mask_nms_thresh))
+        raw.extend(apply_output_rules([e for e in entries if e["score"] >= spec.score_floor],
+                                      spec.mask_nms_thresh, spec.mask_score_decay))
     assert len(raw) > 20  # random heads at score >= 0: plenty of detections to compare
     assert len(through_pipeline) == len(raw)
     # Scores of an untrained model crowd near 1 / (classes + 1): the fast RoIAlign's float rounding
