@@ -181,8 +181,10 @@ def _build_architecture(spec: ModelSpec, pretrained: bool) -> MaskRCNN:
     last = spec.mask_head_channels[-1]
     model = MaskRCNN(
         backbone, num_classes=None, rpn_anchor_generator=ag, rpn_head=rpn_head,
-        box_head=box_head, box_predictor=FastRCNNPredictor(spec.box_head_dim, k),
-        mask_head=mask_head, mask_predictor=MaskRCNNPredictor(last, last, k),
+        box_roi_pool=ParallelRoIAlign(FPN_LEVELS, 7, 2), box_head=box_head,
+        box_predictor=FastRCNNPredictor(spec.box_head_dim, k),
+        mask_roi_pool=ParallelRoIAlign(FPN_LEVELS, 14, 2), mask_head=mask_head,
+        mask_predictor=MaskRCNNPredictor(last, last, k),
         **_maskrcnn_kwargs(spec))
     model.transform = NativeScaleTransform(spec.scale, spec.image_mean, spec.image_std, spec.size_divisible)
     return model

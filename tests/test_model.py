@@ -12,6 +12,7 @@ from cellseg.config import ARCHS, ModelSpec
 from cellseg.errors import CheckpointError, InputError
 from cellseg.model import (DEFAULT_MASK_HEAD, LIGHT_MASK_HEAD, build_model, load_matching_weights,
                            mask_head_macs_per_roi, model_from_checkpoint, predict_raw, spec_from_data)
+from cellseg.roi_align import ParallelRoIAlign
 
 torch.set_num_threads(1)
 NAMES = ("class1", "class2", "class3")
@@ -48,6 +49,9 @@ def test_every_arch_builds_with_heads_sized_from_the_spec(arch):
     assert model.roi_heads.fg_bg_sampler.batch_size_per_image == spec.box_batch_size_per_image
     convs = [m for m in model.roi_heads.mask_head.modules() if isinstance(m, torch.nn.Conv2d)]
     assert tuple(c.out_channels for c in convs) == spec.mask_head_channels
+    pools = (model.roi_heads.box_roi_pool, model.roi_heads.mask_roi_pool)
+    assert all(isinstance(p, ParallelRoIAlign) for p in pools)  # training pools on every thread
+    assert [p.output_size for p in pools] == [(7, 7), (14, 14)] and pools[0].sampling_ratio == 2
     if arch == "maskrcnn_resnet18_fpn":
         assert spec.mask_head_channels == LIGHT_MASK_HEAD
         assert model.roi_heads.box_head.fc7.out_features == spec.box_head_dim
