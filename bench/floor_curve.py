@@ -67,7 +67,8 @@ def duplicate_pairs(results: Sequence[dict], iou: float = DUPLICATE_IOU) -> int:
     return sum(pairs_in_image(entries, iou) for entries in by_image.values())
 
 
-def suppressed(results: Sequence[dict], thresh: float, decay: str = "none") -> tuple[list[dict], float]:
+def suppressed(results: Sequence[dict], thresh: float, decay: str = "none",
+               floor: float = 0.0) -> tuple[list[dict], float]:
     """The results after per-image mask suppression and score decay, and the seconds it took."""
     from cellseg.postprocess import apply_output_rules
 
@@ -75,7 +76,7 @@ def suppressed(results: Sequence[dict], thresh: float, decay: str = "none") -> t
     for e in results:
         by_image[e["image_id"]].append(e)
     t = time.perf_counter()
-    out = [e for entries in by_image.values() for e in apply_output_rules(entries, thresh, decay)]
+    out = [e for entries in by_image.values() for e in apply_output_rules(entries, thresh, decay, floor)]
     return out, time.perf_counter() - t
 
 
@@ -111,7 +112,7 @@ def measure_dataset(predictor: Any, name: str, path: Path, floors: Sequence[floa
                      "stages_ms": run["stages_ms"]})
         for thresh in nms:
             for decay in MASK_SCORE_DECAYS:
-                kept, seconds = suppressed(run["results"], thresh, decay)
+                kept, seconds = suppressed(run["results"], thresh, decay, floor)
                 nms_rows.append({"floor": floor, "mask_nms_thresh": thresh, "mask_score_decay": decay,
                                  **scored(gt, kept), "nms_ms_per_image": 1000.0 * seconds / len(run["image_ids"])})
     return {"name": name, "data": str(path), "images": len(run["image_ids"]),

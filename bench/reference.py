@@ -132,7 +132,7 @@ class ReferencePipeline:
         from cellseg.postprocess import apply_output_rules
 
         kept = [e for e in entries if e["score"] >= self.spec.score_floor]
-        return apply_output_rules(kept, self.spec.mask_nms_thresh, self.spec.mask_score_decay)
+        return apply_output_rules(kept, self.spec.mask_nms_thresh, self.spec.mask_score_decay, self.spec.score_floor)
 
     def _paste(self, mask_probs: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """torchvision's paste of 28x28 probabilities into full-size float images (N, 1, H, W)."""

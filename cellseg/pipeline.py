@@ -115,16 +115,16 @@ class Predictor:
     def predict_coco(self, image: np.ndarray, image_id: int, score_thresh: float | None = None) -> list[dict]:
         """One image -> its COCO results entries: `predict` with `score_thresh` as the score
         floor (None: the spec's), then `to_coco`."""
-        return self.to_coco(self.predict(image, score_thresh), image_id, image.shape[:2])
+        return self.to_coco(self.predict(image, score_thresh), image_id, image.shape[:2], score_floor=score_thresh)
 
     def to_coco(self, det: Detections, image_id: int, image_size: tuple[int, int],
-                keep: Tensor | None = None) -> list[dict]:
+                keep: Tensor | None = None, score_floor: float | None = None) -> list[dict]:
         """The one path from detections to COCO entries (infer, tiles, training's validation,
         bench, the GPU check): the rows selected by `keep` (a bool mask, all when None) through
         the shared box-local paste + RLE at `image_size`, timed as the "paste_rle" stage, then
         the spec's mask-overlap rules ("mask_nms": suppression at `mask_nms_thresh`, then
-        `mask_score_decay`). Boxes must already be in that image's frame (tiles shift theirs
-        first)."""
+        `mask_score_decay`, which drops what it takes below `score_floor`, None: the spec's).
+        Boxes must already be in that image's frame (tiles shift theirs first)."""
         t = time.perf_counter()
         if keep is not None:
             det = Detections(boxes=det.boxes[keep], scores=det.scores[keep], labels=det.labels[keep],
@@ -133,7 +133,8 @@ class Predictor:
                                      image_size, self.spec.category_ids, self.spec.mask_thresh)
         now = time.perf_counter()
         self.stage_seconds["paste_rle"] += now - t
-        entries = apply_output_rules(entries, self.spec.mask_nms_thresh, self.spec.mask_score_decay)
+        floor = self.spec.score_floor if score_floor is None else score_floor
+        entries = apply_output_rules(entries, self.spec.mask_nms_thresh, self.spec.mask_score_decay, floor)
         self.stage_seconds["mask_nms"] += time.perf_counter() - now
         return entries
 

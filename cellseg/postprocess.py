@@ -155,11 +155,15 @@ def decay_overlap_scores(entries: Sequence[dict]) -> list[dict]:
     return [e if d >= 1.0 else {**e, "score": float(e["score"]) * float(d)} for e, d in zip(entries, decay)]
 
 
-def apply_output_rules(entries: Sequence[dict], mask_nms_thresh: float, mask_score_decay: str) -> list[dict]:
+def apply_output_rules(entries: Sequence[dict], mask_nms_thresh: float, mask_score_decay: str,
+                       score_floor: float = 0.0) -> list[dict]:
     """One image's entries after the model's output rules (ModelSpec.mask_nms_thresh and
-    mask_score_decay): mask NMS, then the score decay."""
+    mask_score_decay): mask NMS, then the score decay; entries the decay takes below
+    `score_floor` are dropped, so no output scores under the floor it was asked for."""
     kept = suppress_mask_overlaps(entries, mask_nms_thresh)
-    return decay_overlap_scores(kept) if mask_score_decay == "matrix" else kept
+    if mask_score_decay != "matrix":
+        return kept
+    return [e for e in decay_overlap_scores(kept) if e["score"] >= score_floor]
 
 
 def duplicate_pairs(entries: Sequence[dict], iou_thresh: float = 0.5) -> int:

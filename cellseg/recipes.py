@@ -44,7 +44,7 @@ cosine: val AP 0.10 / AP50 0.25 after 45 minutes on 2 cores, not plateaued. Meas
 recipe on CoNSeP (bench/results/2026-12-01-train-consep-cpu-scratch-*): a 2-hour budget gives
 val segm AP50 0.30 at its best epoch (0.303 on the class-stratified split, at 87 minutes; 0.304
 on the older split without class3), then holds; with the 64-channel mask head the same budget
-runs 1914 iterations instead of 1380 and reaches AP50 0.315 (0.329 exported, with the mask score
+runs 1914 iterations instead of 1380 and reaches AP50 0.315 (0.327 exported, with the mask score
 decay). The other settings above have not had their own proxy runs yet.
 """
 from __future__ import annotations

@@ -159,7 +159,7 @@ def predict_tile(predictor, source, tile: Tile, plan: TilePlan, image_id: int,
     if score_thresh is not None:
         keep &= det.scores.numpy() >= score_thresh
         cut &= keep
-    entries = predictor.to_coco(det, image_id, (plan.height, plan.width), torch.from_numpy(keep))
+    entries = predictor.to_coco(det, image_id, (plan.height, plan.width), torch.from_numpy(keep), score_thresh)
     sides = (boxes[:, 2:] - boxes[:, :2]).max(dim=1).values.numpy()[cut] if cut.any() else np.zeros(0)
     return TileResult(tile, entries, int(cut.sum()), float(sides.max(initial=0.0)))
 

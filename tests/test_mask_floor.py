@@ -197,9 +197,13 @@ def test_to_coco_applies_the_spec_threshold():
                      scores=torch.tensor([0.9, 0.8, 0.7]), labels=torch.tensor([1, 1, 2]),
                      mask_probs=disc.repeat(3, 1, 1, 1))
     on = Bare(tiny_spec(mask_nms_thresh=0.5)).to_coco(det, 1, (64, 64))
-    off = Bare(tiny_spec(mask_nms_thresh=1.0)).to_coco(det, 1, (64, 64))
+    off = Bare(tiny_spec(mask_nms_thresh=1.0, mask_score_decay="none")).to_coco(det, 1, (64, 64))
+    decay_only = Bare(tiny_spec(mask_nms_thresh=1.0)).to_coco(det, 1, (64, 64))
     assert [(e["score"], e["category_id"]) for e in on] == [(pytest.approx(0.9), 1), (pytest.approx(0.7), 2)]
     assert len(off) == 3
+    # without suppression the identical duplicate's score decays to ~0, under the floor: dropped
+    assert [(e["score"], e["category_id"]) for e in decay_only] == [(e["score"], e["category_id"]) for e in on]
+    assert len(Bare(tiny_spec(mask_nms_thresh=1.0)).to_coco(det, 1, (64, 64), score_floor=0.0)) == 3
 
 
 # ------------------------------------------------------------------------------- score decay
@@ -281,6 +285,8 @@ def test_output_rules_suppress_then_decay():
     assert apply_output_rules([a, dup, part], 0.5, "none") == kept
     assert apply_output_rules([a, dup, part], 0.5, "matrix") == decay_overlap_scores(kept)
     assert apply_output_rules([a, dup, part], 0.5, "matrix")[1]["score"] < 0.8
+    assert apply_output_rules([a, dup, part], 0.5, "matrix", 0.9) == [a]  # decayed below the floor: dropped
+    assert apply_output_rules([a, dup, part], 0.5, "none", 0.9) == kept  # undecayed scores passed the floor already
 
 
 def test_tiled_inference_with_suppression_still_merges_seams(tmp_path):

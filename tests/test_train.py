@@ -476,7 +476,7 @@ def test_validation_through_the_pipeline_matches_the_raw_model_path(data, monkey
         entries = detections_to_coco(image_id, det["boxes"], det["scores"], det["labels"], det["mask_probs"],
                                      s.image.shape[:2], spec.category_ids, spec.mask_thresh)
         raw.extend(apply_output_rules([e for e in entries if e["score"] >= spec.score_floor],
-                                      spec.mask_nms_thresh, spec.mask_score_decay))
+                                      spec.mask_nms_thresh, spec.mask_score_decay, spec.score_floor))
     assert len(raw) > 20  # random heads at score >= 0: plenty of detections to compare
     assert len(through_pipeline) == len(raw)
     # Scores of an untrained model crowd near 1 / (classes + 1): the fast RoIAlign's float rounding
