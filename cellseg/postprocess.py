@@ -171,9 +171,7 @@ def duplicate_pairs(entries: Sequence[dict], iou_thresh: float = 0.5) -> int:
     `iou_thresh` (what suppress_mask_overlaps at that threshold would start from)."""
     if len(entries) < 2:
         return 0
-    rles = [{"size": e["segmentation"]["size"], "counts": _as_bytes(e["segmentation"]["counts"])}
-            for e in entries]
-    cats = np.array([e["category_id"] for e in entries])
+    rles, cats, _, _ = _ranked(entries)
     pairs = _overlapping_betters(rles, cats, np.arange(len(entries)), iou_thresh)
     return sum(int(js.size) for js, _ in pairs.values())
 

@@ -124,12 +124,17 @@ def _threaded_roi_align(feature: Tensor, boxes: Tensor, output_size: tuple[int, 
                         ratio: int, out: Tensor) -> None:
     """torchvision's kernel on slices of one image's RoIs in parallel: the same numbers, in a
     fraction of the time."""
-    from torchvision.ops import roi_align
-
     rois = torch.cat([torch.zeros(boxes.shape[0], 1, dtype=boxes.dtype), boxes], 1)
+    _roi_align_on_slices(feature, rois, output_size, scale, ratio, out)
 
+
+def _roi_align_on_slices(feature: Tensor, rois: Tensor, output_size: tuple[int, int], scale: float,
+                         ratio: int, out: Tensor) -> None:
+    """torchvision's roi_align kernel (aligned=False) of `rois` (batch index first) into `out`,
+    one slice of the RoIs per torch thread."""
     def run(start: int, stop: int) -> None:
-        out[start:stop] = roi_align(feature, rois[start:stop], output_size, scale, ratio)
+        out[start:stop] = torch.ops.torchvision.roi_align(feature, rois[start:stop], scale, output_size[0],
+                                                          output_size[1], ratio, False)
 
     _on_slices(rois.shape[0], run)
 
@@ -143,12 +148,7 @@ class _ParallelRoIAlignFunction(torch.autograd.Function):
         ctx.save_for_backward(rois)
         ctx.config = (tuple(feature.shape), output_size, scale, ratio)
         out = feature.new_empty(rois.shape[0], feature.shape[1], *output_size)
-
-        def run(start: int, stop: int) -> None:
-            out[start:stop] = torch.ops.torchvision.roi_align(feature, rois[start:stop], scale, output_size[0],
-                                                              output_size[1], ratio, False)
-
-        _on_slices(rois.shape[0], run)
+        _roi_align_on_slices(feature, rois, output_size, scale, ratio, out)
         return out
 
     @staticmethod
