@@ -131,10 +131,13 @@ def _threaded_roi_align(feature: Tensor, boxes: Tensor, output_size: tuple[int, 
 def _roi_align_on_slices(feature: Tensor, rois: Tensor, output_size: tuple[int, int], scale: float,
                          ratio: int, out: Tensor) -> None:
     """torchvision's roi_align kernel (aligned=False) of `rois` (batch index first) into `out`,
-    one slice of the RoIs per torch thread."""
+    one slice of the RoIs per torch thread. Grad mode is per thread and a worker starts with it
+    on, so each slice runs under no_grad: otherwise the slices' autograd bookkeeping on the shared
+    `out` races (the training forward's feature requires grad)."""
     def run(start: int, stop: int) -> None:
-        out[start:stop] = torch.ops.torchvision.roi_align(feature, rois[start:stop], scale, output_size[0],
-                                                          output_size[1], ratio, False)
+        with torch.no_grad():
+            out[start:stop] = torch.ops.torchvision.roi_align(feature, rois[start:stop], scale, output_size[0],
+                                                              output_size[1], ratio, False)
 
     _on_slices(rois.shape[0], run)
 

@@ -140,6 +140,20 @@ def test_training_pooler_gives_torchvision_outputs_and_gradients(monkeypatch, th
         torch.testing.assert_close(got[1][name], expected[1][name], rtol=1e-5, atol=1e-5)
 
 
+def test_sliced_kernel_keeps_no_autograd_history_on_worker_threads(monkeypatch):
+    """Worker threads start with grad mode on: the slices must not record autograd history on
+    the shared output (the slices' bookkeeping on it would race)."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    feature = torch.rand(2, 4, 24, 24, requires_grad=True)
+    boxes = mixed_boxes(96, 96, n=12)
+    rois = torch.cat([torch.arange(boxes.shape[0])[:, None] % 2, boxes], 1).float()
+    out = torch.empty(boxes.shape[0], 4, 7, 7)
+    roi_align._roi_align_on_slices(feature, rois, (7, 7), 0.25, 2, out)
+    assert not out.requires_grad and out.grad_fn is None
+    expected = torch.ops.torchvision.roi_align(feature.detach(), rois, 0.25, 7, 7, 2, False)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
 def test_training_pooler_is_torchvisions_in_eval_mode_and_when_tracing(monkeypatch):
     feats, boxes = fpn_features(64, 64), mixed_boxes(64, 64, n=10)
     pooler = ParallelRoIAlign(["0", "1", "2", "3"], 7, 2)
