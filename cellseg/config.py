@@ -16,6 +16,9 @@ ARCHS = ("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2", "maskrcnn_resnet18
 # Normalisation layer kinds a ModelSpec may name (see ModelSpec.norm).
 NORMS = ("bn", "gn")
 MASK_SCORE_DECAYS = ("none", "matrix")
+# Anchor scales per octave a checkpoint may ask for (each adds len(aspect_ratios) anchors per
+# location on every level).
+MAX_ANCHOR_SCALES = 4
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,14 @@ class ModelSpec:
     # Region proposal network; anchors sized from the training objects (one size per FPN level).
     anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)
     aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    # Anchor scales per level: anchor_sizes[l] * 2 ** (k / n) for k < n (RetinaNet's scales per
+    # octave). With one, a nucleus between two sizes, or off the level's stride grid, rarely
+    # reaches the RPN's foreground IoU with any anchor (cellseg.model.level_anchor_sizes).
+    anchor_scales_per_octave: int = 1
+    # RPN anchor matching in training: IoU >= fg is a positive, < bg a negative (torchvision: 0.7,
+    # 0.3; each object's best anchor is a positive whatever its IoU).
+    rpn_fg_iou_thresh: float = 0.7
+    rpn_bg_iou_thresh: float = 0.3
     rpn_pre_nms_top_n_train: int = 2000
     rpn_post_nms_top_n_train: int = 2000
     rpn_pre_nms_top_n_test: int = 1000
@@ -129,6 +140,14 @@ class ModelSpec:
         if not numbers or not 0.0 <= spec.score_floor <= 1.0 or not spec.mask_nms_thresh >= 0.0:
             raise CheckpointError(f"model metadata: score_floor {spec.score_floor!r} must lie in [0, 1] "
                                   f"and mask_nms_thresh {spec.mask_nms_thresh!r} be >= 0")
+        scales = spec.anchor_scales_per_octave
+        if isinstance(scales, bool) or not isinstance(scales, int) or not 1 <= scales <= MAX_ANCHOR_SCALES:
+            raise CheckpointError(f"model metadata: anchor_scales_per_octave {scales!r} must be an integer "
+                                  f"in 1..{MAX_ANCHOR_SCALES}")
+        fg, bg = spec.rpn_fg_iou_thresh, spec.rpn_bg_iou_thresh
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (fg, bg)) or not 0.0 < bg <= fg <= 1.0:
+            raise CheckpointError(f"model metadata: rpn_bg_iou_thresh {bg!r} and rpn_fg_iou_thresh {fg!r} must "
+                                  f"satisfy 0 < bg <= fg <= 1")
         if spec.mask_score_decay not in MASK_SCORE_DECAYS:
             raise CheckpointError(f"model metadata: unknown mask_score_decay {spec.mask_score_decay!r} "
                                   f"(known: {', '.join(MASK_SCORE_DECAYS)})")

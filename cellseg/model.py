@@ -107,10 +107,17 @@ def mask_head_macs_per_roi(channels: Sequence[int], in_channels: int = 256, num_
     return macs
 
 
-def _anchor_generator(spec: ModelSpec) -> AnchorGenerator:
+def level_anchor_sizes(spec: ModelSpec) -> tuple[tuple[int, ...], ...]:
+    """Anchor sizes of each FPN level: anchor_sizes[l] * 2 ** (k / n), k < n scales per octave
+    (n = 1: torchvision's one size per level)."""
     if len(spec.anchor_sizes) != 5:
         raise CheckpointError(f"anchor_sizes needs one size per FPN level (5), got {list(spec.anchor_sizes)}")
-    return AnchorGenerator(sizes=tuple((int(s),) for s in spec.anchor_sizes),
+    n = spec.anchor_scales_per_octave
+    return tuple(tuple(int(round(int(s) * 2 ** (k / n))) for k in range(n)) for s in spec.anchor_sizes)
+
+
+def _anchor_generator(spec: ModelSpec) -> AnchorGenerator:
+    return AnchorGenerator(sizes=level_anchor_sizes(spec),
                            aspect_ratios=(tuple(float(a) for a in spec.aspect_ratios),) * 5)
 
 
@@ -121,6 +128,8 @@ def _maskrcnn_kwargs(spec: ModelSpec) -> dict[str, Any]:
         rpn_pre_nms_top_n_test=spec.rpn_pre_nms_top_n_test,
         rpn_post_nms_top_n_test=spec.rpn_post_nms_top_n_test,
         rpn_batch_size_per_image=spec.rpn_batch_size_per_image,
+        rpn_fg_iou_thresh=spec.rpn_fg_iou_thresh,
+        rpn_bg_iou_thresh=spec.rpn_bg_iou_thresh,
         box_batch_size_per_image=spec.box_batch_size_per_image,
         box_detections_per_img=spec.box_detections_per_img,
         box_score_thresh=spec.box_score_thresh,

@@ -10,8 +10,9 @@ import torchvision
 
 from cellseg.config import ARCHS, ModelSpec
 from cellseg.errors import CheckpointError, InputError
-from cellseg.model import (DEFAULT_MASK_HEAD, LIGHT_MASK_HEAD, build_model, load_matching_weights,
-                           mask_head_macs_per_roi, model_from_checkpoint, predict_raw, spec_from_data)
+from cellseg.model import (DEFAULT_MASK_HEAD, LIGHT_MASK_HEAD, build_model, level_anchor_sizes,
+                           load_matching_weights, mask_head_macs_per_roi, model_from_checkpoint, predict_raw,
+                           spec_from_data)
 from cellseg.roi_align import ParallelRoIAlign
 
 torch.set_num_threads(1)
@@ -97,6 +98,39 @@ def test_specs_from_before_the_fpn_width_read_as_torchvisions_256():
     fields = tiny_spec().to_dict()
     del fields["fpn_channels"]
     assert ModelSpec.from_dict(fields).fpn_channels == 256
+
+
+def test_anchor_scales_per_octave_and_rpn_matching_reach_the_model():
+    one = tiny_spec()
+    assert level_anchor_sizes(one) == tuple((s,) for s in one.anchor_sizes)
+    spec = tiny_spec(anchor_scales_per_octave=2, rpn_fg_iou_thresh=0.5, rpn_bg_iou_thresh=0.25)
+    assert level_anchor_sizes(spec)[:2] == ((8, 11), (16, 23))
+    assert level_anchor_sizes(tiny_spec(anchor_scales_per_octave=3))[0] == (8, 10, 13)
+    model = build_model(spec)
+    assert model.rpn.anchor_generator.sizes == level_anchor_sizes(spec)
+    assert model.rpn.head.cls_logits.out_channels == 2 * len(spec.aspect_ratios)
+    assert model.rpn.head.bbox_pred.out_channels == 4 * 2 * len(spec.aspect_ratios)
+    matcher = model.rpn.proposal_matcher
+    assert (matcher.high_threshold, matcher.low_threshold) == (0.5, 0.25)
+    image = torch.rand(3, 64, 64)
+    sum(model([image], [square_target(64, 64)]).values()).backward()
+    assert predict_raw(model.eval(), [image])[0]["mask_probs"].shape[1:] == (1, 28, 28)
+
+
+def test_anchor_scales_and_rpn_thresholds_default_for_old_specs_and_are_checked():
+    fields = tiny_spec().to_dict()
+    for name in ("anchor_scales_per_octave", "rpn_fg_iou_thresh", "rpn_bg_iou_thresh"):
+        del fields[name]
+    old = ModelSpec.from_dict(fields)
+    assert (old.anchor_scales_per_octave, old.rpn_fg_iou_thresh, old.rpn_bg_iou_thresh) == (1, 0.7, 0.3)
+    for bad in (0, 5, True, 2.0, "2"):
+        with pytest.raises(CheckpointError, match="anchor_scales_per_octave"):
+            ModelSpec.from_dict({**fields, "anchor_scales_per_octave": bad})
+    for fg, bg in ((0.3, 0.5), (1.5, 0.3), (0.5, 0.0), ("0.7", 0.3), (0.7, None)):
+        with pytest.raises(CheckpointError, match="rpn_bg_iou_thresh"):
+            ModelSpec.from_dict({**fields, "rpn_fg_iou_thresh": fg, "rpn_bg_iou_thresh": bg})
+    with pytest.raises(InputError, match="unknown model settings"):
+        tiny_spec(anchor_scales=2)
 
 
 def test_spec_from_data_sizes_anchors_from_small_nuclei():

@@ -71,6 +71,8 @@ def test_recipe_and_settings_recorded_in_checkpoint_metadata(data, tmp_path):
     assert best.spec.norm == "gn" and best.spec.box_positive_fraction == 0.5
     assert recipe["settings"]["model"]["fpn_channels"] == 64 and best.spec.fpn_channels == 64
     assert list(recipe["settings"]["model"]["mask_head_channels"]) == [64, 64] and best.spec.mask_head_channels == (64, 64)
+    assert recipe["settings"]["model"]["anchor_scales_per_octave"] == 2 and best.spec.anchor_scales_per_octave == 2
+    assert best.spec.rpn_fg_iou_thresh == 0.5 and best.spec.rpn_bg_iou_thresh == 0.3
     assert isinstance(dict(best.state_dict)["backbone.body.bn1.weight"], torch.Tensor)
     assert json.loads((run / "config.json").read_text())["recipe"] == "cpu-scratch"
     # a damaged recipe record is refused like any other bad metadata
@@ -92,12 +94,12 @@ def test_old_checkpoint_metadata_loads_with_batchnorm(tmp_path):
 
 @pytest.mark.slow  # an export verifies every graph: ~1 min on a loaded 2-core machine
 def test_groupnorm_model_exports_and_verifies(tmp_path):
-    """The ONNX export path (three dense graphs + end-to-end, verified against PyTorch) takes a
-    GroupNorm model as it takes a BatchNorm one."""
+    """The ONNX export path (three dense graphs + end-to-end, verified against PyTorch) takes the
+    recipe's model (GroupNorm, two anchor scales per octave) as it takes torchvision's."""
     from cellseg.export.exporter import export_model
     from cellseg.model import build_model
 
-    spec = tiny_spec(norm="gn", mask_head_channels=(32, 32))
+    spec = tiny_spec(norm="gn", mask_head_channels=(32, 32), anchor_scales_per_octave=2, rpn_fg_iou_thresh=0.5)
     torch.manual_seed(0)
     model = build_model(spec).eval()
     assert any(isinstance(m, torch.nn.GroupNorm) for m in model.backbone.modules())
@@ -105,7 +107,8 @@ def test_groupnorm_model_exports_and_verifies(tmp_path):
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
     ckpt = save_checkpoint(tmp_path / "gn.pt", model.state_dict(), make_metadata(spec))
     out = export_model(ckpt, tmp_path / "export")  # raises VerificationError if ONNX != PyTorch
-    assert load_checkpoint(out / "model.pt").spec.norm == "gn"
+    exported = load_checkpoint(out / "model.pt").spec
+    assert exported.norm == "gn" and exported.anchor_scales_per_octave == 2
     assert (out / "backbone.onnx").is_file() and (out / "mask_head.onnx").is_file() and (out / "model.onnx").is_file()
 
 
