@@ -214,9 +214,10 @@ def eval_(results: Path = typer.Argument(..., help="COCO results JSON"),
           gt: Path = typer.Option(..., "--gt", help="COCO GT JSON or HW3 layout root"),
           json_out: Optional[Path] = typer.Option(None, "--json", help="write the metrics here"),
           force: bool = typer.Option(False, "--force")):
-    """COCO segm and bbox AP / AP50 / AP75 and per-class AP, maxDets sized from the GT; per class,
-    the share of nuclei found (mask IoU >= 0.5, any class) and found with the right class."""
-    from cellseg.evaluate import class_recall, evaluate_coco, load_results
+    """COCO segm and bbox AP / AP50 / AP75 and per-class AP, maxDets sized from the GT; per class
+    and per object-size quartile, the share of nuclei found (mask IoU >= 0.5, any class) and
+    found with the right class."""
+    from cellseg.evaluate import class_recall, evaluate_coco, load_results, size_recall
     from cellseg.fileio import atomic_write_json, check_writable
 
     if json_out is not None:
@@ -236,6 +237,7 @@ def eval_(results: Path = typer.Argument(..., help="COCO results JSON"),
     _echo_table(f"COCO evaluation of {results.name}", rows, ("type", "AP", "AP50", "AP75", "maxDets", "per class AP"))
     if "segm" in metrics:
         _echo_class_recall(metrics["segm"], class_recall(gt_dict, detections))
+        _echo_size_recall(metrics["segm"], size_recall(gt_dict, detections))
     if json_out is not None:
         atomic_write_json(json_out, metrics, force=force, indent=2)
         typer.echo(f"wrote {json_out}")
@@ -248,6 +250,15 @@ def _echo_class_recall(segm: dict, recall: dict[str, dict]) -> None:
             for name, r in recall.items()]
     _echo_table("per class: GT instances covered at mask IoU >= 0.5", rows,
                 ("class", "GT", "found (any class)", "named (own class)", "AP50"))
+
+
+def _echo_size_recall(segm: dict, recall: list[dict]) -> None:
+    """The same shares per quartile of GT mask area (recorded as `per_size_recall`)."""
+    segm["per_size_recall"] = recall
+    rows = [(f"{r['area_from']:.0f}-{r['area_to']:.0f}", str(r["gt"]), _fmt(r["found"], 3), _fmt(r["named"], 3))
+            for r in recall]
+    _echo_table("per object size: GT instances covered at mask IoU >= 0.5", rows,
+                ("mask area px", "GT", "found (any class)", "named (own class)"))
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:

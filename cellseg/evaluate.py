@@ -345,13 +345,10 @@ def _rle(r: dict) -> dict:
     return {"size": list(seg["size"]), "counts": counts.encode() if isinstance(counts, str) else counts}
 
 
-def class_recall(gt: dict, results: Sequence[dict], iou: float = 0.5) -> dict[str, dict[str, Any]]:
-    """Where a class's AP goes: per class, of its GT instances the share some result covers at
-    mask IoU >= `iou` whatever class it names ("found": the nucleus was found and outlined), and
-    the share a result naming the right class covers ("named"). found - named is what
-    classification costs; 1 - found what detection and outlining cost. Every result counts
-    (no score cut), as HoVer-Net's detection / classification split does.
-    Returns {class name: {"gt", "found", "named"}} (shares None for a class without GT)."""
+def gt_coverage(gt: dict, results: Sequence[dict], iou: float = 0.5) -> dict[str, np.ndarray]:
+    """Per GT instance (in annotation order): "category", mask "area", "found" (some result covers
+    it at mask IoU >= `iou`, whatever class it names) and "named" (a result of its own class
+    does). Every result counts (no score cut), as HoVer-Net's detection / classification split."""
     import pycocotools.mask as mask_utils
 
     _check_gt(gt)
@@ -363,22 +360,58 @@ def class_recall(gt: dict, results: Sequence[dict], iou: float = 0.5) -> dict[st
     anns_of: dict[int, list[dict]] = defaultdict(list)
     for ann in coco_gt.dataset["annotations"]:
         anns_of[int(ann["image_id"])].append(ann)
-    counts = {int(c["id"]): [0, 0, 0] for c in gt["categories"]}
+    rows = []
     for image_id, anns in anns_of.items():
         dets = dets_of.get(image_id, [])
+        masks = [coco_gt.annToRLE(a) for a in anns]
         covers = np.zeros((len(dets), len(anns)), bool)
         if dets:
-            ious = mask_utils.iou([_rle(d) for d in dets], [coco_gt.annToRLE(a) for a in anns], [0] * len(anns))
+            ious = mask_utils.iou([_rle(d) for d in dets], masks, [0] * len(anns))
             covers = np.asarray(ious).reshape(len(dets), len(anns)) >= iou
         det_classes = np.array([int(d["category_id"]) for d in dets], np.int64)
         for j, ann in enumerate(anns):
-            tally = counts[int(ann["category_id"])]
-            tally[0] += 1
-            tally[1] += bool(covers[:, j].any())
-            tally[2] += bool((covers[:, j] & (det_classes == int(ann["category_id"]))).any())
+            own = det_classes == int(ann["category_id"])
+            rows.append((int(ann["category_id"]), float(mask_utils.area(masks[j])), bool(covers[:, j].any()),
+                         bool((covers[:, j] & own).any())))
+    columns = list(zip(*rows)) if rows else [(), (), (), ()]
+    return {"category": np.asarray(columns[0], np.int64), "area": np.asarray(columns[1], np.float64),
+            "found": np.asarray(columns[2], bool), "named": np.asarray(columns[3], bool)}
+
+
+def class_recall(gt: dict, results: Sequence[dict], iou: float = 0.5) -> dict[str, dict[str, Any]]:
+    """Where a class's AP goes: per class, of its GT instances the share some result covers at
+    mask IoU >= `iou` whatever class it names ("found": the nucleus was found and outlined), and
+    the share a result naming the right class covers ("named"). found - named is what
+    classification costs; 1 - found what detection and outlining cost (see gt_coverage).
+    Returns {class name: {"gt", "found", "named"}} (shares None for a class without GT)."""
+    cover = gt_coverage(gt, results, iou)
     names = _cat_names(gt)
-    return {names[k]: {"gt": n, "found": found / n if n else None, "named": named / n if n else None}
-            for k, (n, found, named) in counts.items()}
+    recall = {}
+    for c in gt["categories"]:
+        mine = cover["category"] == int(c["id"])
+        n = int(mine.sum())
+        recall[names[int(c["id"])]] = {"gt": n, "found": float(cover["found"][mine].mean()) if n else None,
+                                       "named": float(cover["named"][mine].mean()) if n else None}
+    return recall
+
+
+def size_recall(gt: dict, results: Sequence[dict], iou: float = 0.5, bins: int = 4) -> list[dict[str, Any]]:
+    """The same found / named shares per object size: GT instances split into `bins` groups at
+    the quantiles of their mask areas (COCO's small / medium / large put every nucleus in
+    "small"). Rows: {"area_from", "area_to" (pixels, inclusive), "gt", "found", "named"}."""
+    cover = gt_coverage(gt, results, iou)
+    areas = cover["area"]
+    if areas.size == 0:
+        return []
+    edges = np.unique(np.quantile(areas, np.linspace(0, 1, bins + 1)))
+    group = np.clip(np.searchsorted(edges, areas, side="right") - 1, 0, max(len(edges) - 2, 0))
+    rows = []
+    for g in np.unique(group):
+        mine = group == g
+        rows.append({"area_from": float(areas[mine].min()), "area_to": float(areas[mine].max()),
+                     "gt": int(mine.sum()), "found": float(cover["found"][mine].mean()),
+                     "named": float(cover["named"][mine].mean())})
+    return rows
 
 
 def _coco_gt(gt: dict) -> Any:

@@ -83,6 +83,9 @@ def test_convert_then_eval_gt_against_itself_is_perfect(synth_root, tmp_path):
     assert all(r["found"] == r["named"] == 1.0 for r in recall.values() if r["gt"])
     assert sum(r["gt"] for r in recall.values()) == len(data["annotations"])
     assert "named (own class)" in res.output
+    by_size = metrics["segm"]["per_size_recall"]
+    assert sum(r["gt"] for r in by_size) == len(data["annotations"]) and all(r["found"] == 1.0 for r in by_size)
+    assert "per object size" in res.output
     # the HW3 root works as --gt too
     res = invoke("eval", res_path, "--gt", synth_root / "train")
     assert res.exit_code == 0, res.output

@@ -10,7 +10,7 @@ import pycocotools.mask as mask_utils
 import pytest
 
 from cellseg.errors import InputError
-from cellseg.evaluate import (class_recall, evaluate_coco, load_results, match_instances, max_dets_for,
+from cellseg.evaluate import (class_recall, evaluate_coco, size_recall, load_results, match_instances, max_dets_for,
                               pycocotools_ap)
 
 
@@ -216,6 +216,27 @@ def test_class_recall_splits_finding_from_naming():
     assert class_recall(gt, [])["a"]["found"] == 0.0
     with pytest.raises(InputError, match="image"):
         class_recall(gt, [_det(7, 1, masks[0], 0.9)])
+
+
+def test_size_recall_splits_found_and_named_by_mask_area_quantiles():
+    """Four nuclei per size (3, 5, 7, 9 px squares): the small ones missed, one medium one named
+    wrong; every group holds one size, and the shares agree with a per-instance count."""
+    sides, masks, anns = (3, 5, 7, 9), [], []
+    for i, side in enumerate(sides):
+        for k in range(4):
+            m = _square(60, 60, 2 + 14 * k, 2 + 14 * i, side)
+            masks.append(m)
+            anns.append({"id": len(anns) + 1, "image_id": 1, "category_id": 1, "segmentation": _rle(m),
+                         "area": int(m.sum()), "bbox": [0, 0, 1, 1]})
+    gt = {"images": [{"id": 1, "height": 60, "width": 60}], "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}],
+          "annotations": anns}
+    results = [_det(1, 2 if j == 4 else 1, m, 0.9) for j, m in enumerate(masks) if j >= 4]
+    rows = size_recall(gt, results)
+    assert [(r["area_from"], r["area_to"], r["gt"]) for r in rows] == [(s * s, s * s, 4) for s in sides]
+    assert [r["found"] for r in rows] == [0.0, 1.0, 1.0, 1.0]
+    assert [r["named"] for r in rows] == [0.0, 0.75, 1.0, 1.0]
+    assert size_recall(gt, [])[0]["found"] == 0.0 and len(size_recall(gt, results, bins=2)) == 2
+    assert size_recall({**gt, "annotations": []}, []) == []
 
 
 def test_pycocotools_summarize_ignores_large_max_dets(gt):
