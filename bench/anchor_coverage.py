@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from cellseg.bench.core import environment_info, fmt
-from cellseg.bench.results_files import run_as_command, write_results
+from cellseg.bench.results_files import new_figure, run_as_command, save_figure, write_and_print
 
 # Size groups in units of the smallest anchor (sqrt(w * h) of the object's box).
 SIZE_EDGES = (0.0, 1.0, 1.5, 2.0, 3.0, float("inf"))
@@ -163,13 +163,8 @@ def render_markdown(report: dict) -> str:
 
 
 def plot(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = report["rows"]
-    fig, ax = plt.subplots(figsize=(7, 3.8))
+    fig, ax = new_figure((7, 3.8))
     for key in sorted({(r["scales_per_octave"], r["fg_iou"]) for r in rows}):
         mine = [r for r in rows if (r["scales_per_octave"], r["fg_iou"]) == key]
         ax.plot(range(len(mine)), [r["mean_positives"] for r in mine], marker="o",
@@ -178,18 +173,13 @@ def plot(report: dict, path: Path) -> None:
     ax.set_xlabel("object box size, sqrt(w*h) px")
     ax.set_ylabel("positive anchors per object")
     ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> list[Path]:
     args = parse_args(argv)
     report = measure(args)
-    stem = args.stem or f"{report['started_utc'][:10]}-anchor-coverage"
-    paths = write_results(report, args.out_dir, stem, render_markdown(report), plot, args.force)
-    print(render_markdown(report))
-    return paths
+    return write_and_print(report, args, f"{report['started_utc'][:10]}-anchor-coverage", render_markdown, plot)
 
 
 if __name__ == "__main__":

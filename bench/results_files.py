@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def write_results(report: dict, out_dir: Path, stem: str, markdown: str,
@@ -22,6 +23,35 @@ def write_results(report: dict, out_dir: Path, stem: str, markdown: str,
     atomic_write_text(paths[1], markdown)
     atomic_write(paths[2], lambda tmp: plot(report, tmp))
     return paths
+
+
+def write_and_print(report: dict, args: Any, default_stem: str, render_markdown: Callable[[dict], str],
+                    plot: Callable[[dict, Path], None]) -> list[Path]:
+    """A bench's last step: its three files under `args.out_dir` (stem `args.stem`, else
+    `default_stem`; `args.force` to overwrite), and its tables on stdout."""
+    markdown = render_markdown(report)
+    paths = write_results(report, args.out_dir, args.stem or default_stem, markdown, plot, args.force)
+    print(markdown)
+    return paths
+
+
+def new_figure(figsize: tuple[float, float]) -> tuple[Any, Any]:
+    """(figure, axes) of matplotlib's file-only backend, for a bench's picture."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=figsize)
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """A bench's picture as PNG (110 dpi), the figure closed after."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=110)
+    plt.close(fig)
 
 
 def run_as_command(main: Callable[[], object]) -> None:

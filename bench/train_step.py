@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from cellseg.bench.core import environment_info, fmt
-from cellseg.bench.results_files import run_as_command, write_results
+from cellseg.bench.results_files import new_figure, run_as_command, save_figure, write_and_print
 
 POOLERS = ("torchvision", "parallel")
 
@@ -128,31 +128,22 @@ def render_markdown(report: dict) -> str:
 
 
 def plot(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = report["rows"]
-    fig, ax = plt.subplots(figsize=(7, 3.6))
+    fig, ax = new_figure((7, 3.6))
     labels = [f"mask head 2x{r['mask_head']}\n{r['pooler']} pooler" for r in rows]
     ax.bar(range(len(rows)), [r["median_s"] for r in rows], color="tab:blue")
     ax.set_xticks(range(len(rows)), labels, fontsize="small")
     ax.set_ylabel("s per training iteration (median)")
     ax.set_title(f"batch {report['settings']['batch_size']} x {report['settings']['crop_size']} px, "
                  f"{report['environment']['cpu_affinity']} cores")
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> list[Path]:
     args = parse_args(argv)
     report = measure(args)
-    stem = args.stem or f"{report['started_utc'][:10]}-train-step-{report['environment']['cpu_affinity']}cpu"
-    paths = write_results(report, args.out_dir, stem, render_markdown(report), plot, args.force)
-    print(render_markdown(report))
-    return paths
+    stem = f"{report['started_utc'][:10]}-train-step-{report['environment']['cpu_affinity']}cpu"
+    return write_and_print(report, args, stem, render_markdown, plot)
 
 
 if __name__ == "__main__":
