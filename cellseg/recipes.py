@@ -30,13 +30,13 @@ ResNet-18-FPN Mask R-CNN from random init on a CPU. Why each setting:
                     (torchvision: 1 scale, 0.7). Nuclei are 8-30 px and the finest level's
                     stride is 4 px, so a nucleus off the anchor grid or between two sizes rarely
                     overlaps any anchor by 0.7: of 3000 CoNSeP training boxes placed at random
-                    offsets, 10 % had an anchor at IoU >= 0.7, so the RPN learned each nucleus
-                    from its single best anchor (torchvision's low-quality match). With these
-                    settings a nucleus has ~5 positive anchors (anchors >= 0.5: 4.8 per box of
-                    16-24 px, against 2.0 with one scale), 99 % of boxes over 8 px have at
-                    least one. Small nuclei were the ones missed: on the val crops, nuclei under
-                    150 px area (43 % of them) had a result at mask IoU >= 0.5 25-51 % of the
-                    time, those over 150 px 87-91 % (any class, any score).
+                    offsets, 6-13 % (per size group) had an anchor at IoU >= 0.7, so the RPN
+                    learned each nucleus from its single best anchor (torchvision's low-quality
+                    match). With these settings a box over 8 px has ~5 positive anchors and
+                    96-99 % have at least one (python -m cellseg.bench.anchor_coverage DATA).
+                    A 2-hour run with them reached val AP50 0.361 against 0.327 for the same
+                    recipe with one scale and 0.7, both scored with the same output rules; see
+                    below for what else differed.
   crop 256, batch 4 native pixel size (CoNSeP crops are 256 px); GN makes the batch size a
                     throughput choice only.
   augment cells     flips, 90-degree rotations, scale jitter x[0.8, 1.25], HED stain jitter
@@ -56,7 +56,12 @@ recipe on CoNSeP (bench/results/2026-12-01-train-consep-cpu-scratch-*): a 2-hour
 val segm AP50 0.30 at its best epoch (0.303 on the class-stratified split, at 87 minutes; 0.304
 on the older split without class3), then holds; with the 64-channel mask head the same budget
 runs 1914 iterations instead of 1380 and reaches AP50 0.315 (0.327 exported, with the mask score
-decay). The other settings above have not had their own proxy runs yet.
+decay); with the anchors above (and the parallel RoI pooler: 2078 iterations) AP50 0.361 (AP
+0.162). That comparison is not one setting alone: the iterations differ by 9 %. Nor is the gain
+where the anchor count suggested: under the same output rules the newer model finds fewer of the
+smallest quarter of val nuclei (30 % against 37 %) and outputs 9964 results against 13977; its AP50
+rises through class3 (0.41 -> 0.48) and class1 (0.10 -> 0.14), so its results are better
+ranked, not more numerous. The other settings above have not had their own proxy runs yet.
 """
 from __future__ import annotations
 
