@@ -217,7 +217,7 @@ def eval_(results: Path = typer.Argument(..., help="COCO results JSON"),
     """COCO segm and bbox AP / AP50 / AP75 and per-class AP, maxDets sized from the GT; per class
     and per object-size quartile, the share of nuclei found (mask IoU >= 0.5, any class) and
     found with the right class."""
-    from cellseg.evaluate import class_recall, evaluate_coco, load_results, size_recall
+    from cellseg.evaluate import class_recall, evaluate_coco, gt_coverage, load_results, size_recall
     from cellseg.fileio import atomic_write_json, check_writable
 
     if json_out is not None:
@@ -236,8 +236,9 @@ def eval_(results: Path = typer.Argument(..., help="COCO results JSON"),
         rows.append((iou_type, _fmt(m["AP"]), _fmt(m["AP50"]), _fmt(m["AP75"]), str(m["max_dets"]), per_class))
     _echo_table(f"COCO evaluation of {results.name}", rows, ("type", "AP", "AP50", "AP75", "maxDets", "per class AP"))
     if "segm" in metrics:
-        _echo_class_recall(metrics["segm"], class_recall(gt_dict, detections))
-        _echo_size_recall(metrics["segm"], size_recall(gt_dict, detections))
+        coverage = gt_coverage(gt_dict, detections)  # mask IoUs of every image, computed once
+        _echo_class_recall(metrics["segm"], class_recall(gt_dict, detections, coverage=coverage))
+        _echo_size_recall(metrics["segm"], size_recall(gt_dict, detections, coverage=coverage))
     if json_out is not None:
         atomic_write_json(json_out, metrics, force=force, indent=2)
         typer.echo(f"wrote {json_out}")

@@ -378,13 +378,15 @@ def gt_coverage(gt: dict, results: Sequence[dict], iou: float = 0.5) -> dict[str
             "found": np.asarray(columns[2], bool), "named": np.asarray(columns[3], bool)}
 
 
-def class_recall(gt: dict, results: Sequence[dict], iou: float = 0.5) -> dict[str, dict[str, Any]]:
+def class_recall(gt: dict, results: Sequence[dict], iou: float = 0.5,
+                 coverage: dict[str, np.ndarray] | None = None) -> dict[str, dict[str, Any]]:
     """Where a class's AP goes: per class, of its GT instances the share some result covers at
     mask IoU >= `iou` whatever class it names ("found": the nucleus was found and outlined), and
     the share a result naming the right class covers ("named"). found - named is what
     classification costs; 1 - found what detection and outlining cost (see gt_coverage).
-    Returns {class name: {"gt", "found", "named"}} (shares None for a class without GT)."""
-    cover = gt_coverage(gt, results, iou)
+    Returns {class name: {"gt", "found", "named"}} (shares None for a class without GT).
+    `coverage`: gt_coverage(gt, results, iou) when the caller already has it."""
+    cover = gt_coverage(gt, results, iou) if coverage is None else coverage
     names = _cat_names(gt)
     recall = {}
     for c in gt["categories"]:
@@ -395,11 +397,13 @@ def class_recall(gt: dict, results: Sequence[dict], iou: float = 0.5) -> dict[st
     return recall
 
 
-def size_recall(gt: dict, results: Sequence[dict], iou: float = 0.5, bins: int = 4) -> list[dict[str, Any]]:
+def size_recall(gt: dict, results: Sequence[dict], iou: float = 0.5, bins: int = 4,
+                coverage: dict[str, np.ndarray] | None = None) -> list[dict[str, Any]]:
     """The same found / named shares per object size: GT instances split into `bins` groups at
     the quantiles of their mask areas (COCO's small / medium / large put every nucleus in
-    "small"). Rows: {"area_from", "area_to" (pixels, inclusive), "gt", "found", "named"}."""
-    cover = gt_coverage(gt, results, iou)
+    "small"). Rows: {"area_from", "area_to" (pixels, inclusive), "gt", "found", "named"}.
+    `coverage`: gt_coverage(gt, results, iou) when the caller already has it."""
+    cover = gt_coverage(gt, results, iou) if coverage is None else coverage
     areas = cover["area"]
     if areas.size == 0:
         return []

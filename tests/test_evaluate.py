@@ -10,7 +10,7 @@ import pycocotools.mask as mask_utils
 import pytest
 
 from cellseg.errors import InputError
-from cellseg.evaluate import (class_recall, evaluate_coco, size_recall, load_results, match_instances, max_dets_for,
+from cellseg.evaluate import (class_recall, evaluate_coco, gt_coverage, size_recall, load_results, match_instances, max_dets_for,
                               pycocotools_ap)
 
 
@@ -236,6 +236,9 @@ def test_size_recall_splits_found_and_named_by_mask_area_quantiles():
     assert [r["found"] for r in rows] == [0.0, 1.0, 1.0, 1.0]
     assert [r["named"] for r in rows] == [0.0, 0.75, 1.0, 1.0]
     assert size_recall(gt, [])[0]["found"] == 0.0 and len(size_recall(gt, results, bins=2)) == 2
+    coverage = gt_coverage(gt, results)  # given once, both splits read the same coverage
+    assert size_recall(gt, results, coverage=coverage) == rows
+    assert class_recall(gt, results, coverage=coverage) == class_recall(gt, results)
     assert size_recall({**gt, "annotations": []}, []) == []
 
 
