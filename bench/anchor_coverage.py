@@ -87,8 +87,9 @@ def best_and_counts(boxes: np.ndarray, anchors, thresholds: Sequence[float]) -> 
     return np.concatenate(best), np.concatenate(counts).reshape(-1, len(thresholds))
 
 
-def coverage_rows(boxes: np.ndarray, side: np.ndarray, smallest: int, scales: int, best: np.ndarray,
-                  counts: np.ndarray, thresholds: Sequence[float]) -> list[dict]:
+def coverage_rows(side: np.ndarray, smallest: int, scales: int, best: np.ndarray, counts: np.ndarray,
+                  thresholds: Sequence[float]) -> list[dict]:
+    """One row per size group (box side `side`, in units of the `smallest` anchor) and threshold."""
     rows = []
     for lo, hi in zip(SIZE_EDGES[:-1], SIZE_EDGES[1:]):
         mine = (side >= lo * smallest) & (side < hi * smallest)
@@ -139,7 +140,7 @@ def measure(args: argparse.Namespace) -> dict:
     for n in scales:
         level_sizes = level_anchor_sizes(dataclasses.replace(spec, anchor_scales_per_octave=n))
         best, counts = best_and_counts(boxes, anchors_for(level_sizes, ratios, canvas), thresholds)
-        rows += coverage_rows(boxes, side, spec.anchor_sizes[0], n, best, counts, thresholds)
+        rows += coverage_rows(side, spec.anchor_sizes[0], n, best, counts, thresholds)
     return {"schema": "cellseg-anchor-coverage-v1",
             "started_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "settings": {"data": str(args.data), "objects": int(len(sizes)), "seed": args.seed,
