@@ -115,7 +115,7 @@ def train(data: Path = typer.Argument(..., help="HW3 layout root (ROOT or ROOT/t
           workers: int = typer.Option(0, "--workers"),
           scheduler: Optional[str] = typer.Option(None, "--scheduler", help="cosine | multistep (per iteration)"),
           warmup_iters: Optional[int] = typer.Option(None, "--warmup-iters",
-                                                     help="linear LR warmup (default: min(1000, one epoch))"),
+                                                     help="linear LR warmup (default: min(1000, one epoch); at most 10 % of the run)"),
           augment: Optional[str] = typer.Option(None, "--augment", help="basic | cells (scale + stain jitter)"),
           repeat_factor_threshold: Optional[float] = typer.Option(
               None, "--repeat-factor-threshold", help="LVIS repeat-factor sampling of rare-class crops (0 = off)"),

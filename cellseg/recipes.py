@@ -41,8 +41,9 @@ ResNet-18-FPN Mask R-CNN from random init on a CPU. Why each setting:
                     throughput choice only.
   augment cells     flips, 90-degree rotations, scale jitter x[0.8, 1.25], HED stain jitter
                     for brightfield / gain + gamma for fluorescence (cellseg.data.dataset).
-  AdamW             lr 4e-4, weight decay 0.05, 200 warm-up iterations, cosine to zero at the
-                    end of the run (fitted to --time-budget when one is given). torchvision's
+  AdamW             lr 4e-4, weight decay 0.05, 200 warm-up iterations (at most 10 % of the
+                    run), cosine to zero at the end of the run (fitted to --time-budget when one
+                    is given). torchvision's
                     v2 Mask R-CNN puts normalisation in FPN and heads after Li et al.,
                     "Benchmarking Detection Transfer Learning with Vision Transformers" (2021),
                     whose recipe (AdamW, scale jitter, long schedule) also trains from random

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -302,6 +303,20 @@ def test_unknown_scheduler_is_refused_by_the_library_too(data, tmp_path):
         fit(tiny_cfg(data, tmp_path / "run", scheduler="steps"))
     with pytest.raises(InputError, match="unknown scheduler"):
         train_mod._lr_lambda("steps", 10, 1)
+
+
+def test_warmup_is_capped_at_a_tenth_of_a_short_run_and_kept_in_a_long_one():
+    assert train_mod.warmup_length(200, 2078) == 200  # a 2-hour CPU run keeps the recipe's warmup
+    assert train_mod.warmup_length(200, 230) == 23  # a 20-minute one does not spend it warming up
+    assert train_mod.warmup_length(0, 230) == 0 and train_mod.warmup_length(5, 3) == 1
+    short = train_mod._lr_lambda("cosine", 230, 200)
+    assert short(23) == pytest.approx(0.5 * (1 + math.cos(math.pi * 23 / 230)))  # warm by 10 %
+    assert short(11) < short(23)
+    budgeted_total = [115_000]  # a budgeted run refits its length once it has timed iterations
+    refit = train_mod._lr_lambda("cosine", lambda: budgeted_total[0], 200)
+    assert refit(100) == pytest.approx(0.001 + 0.999 * 100 / 200, rel=1e-3)
+    budgeted_total[0] = 500
+    assert refit(100) == pytest.approx(0.5 * (1 + math.cos(math.pi * 100 / 500)))
 
 
 def test_cuda_without_cuda_is_a_one_line_exit_5(data, tmp_path):
