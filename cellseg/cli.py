@@ -109,6 +109,9 @@ def train(data: Path = typer.Argument(..., help="HW3 layout root (ROOT or ROOT/t
           weights: str = typer.Option("none", "--weights", help="none | default | PATH to a .pth state dict"),
           resume: bool = typer.Option(False, "--resume", help="continue from RUN_DIR/last.pt"),
           seed: int = typer.Option(0, "--seed"),
+          split_seed: Optional[int] = typer.Option(None, "--split-seed", help="seed of the validation split "
+                                                   "(default: --seed); another --seed on the same split "
+                                                   "measures run-to-run noise"),
           crop_size: Optional[int] = typer.Option(None, "--crop-size", help="train on random crops of this side (0 = whole images)"),
           max_iters_per_epoch: int = typer.Option(0, "--max-iters-per-epoch", help="cap iterations per epoch (0 = all)"),
           scale: float = typer.Option(1.0, "--scale", help="resize factor applied to every image (1 = native pixels)"),
@@ -139,7 +142,7 @@ def train(data: Path = typer.Argument(..., help="HW3 layout root (ROOT or ROOT/t
         given["epochs"] = 1000  # the budget ends the run; epochs only caps it
     cfg = recipe_config(recipe or default_recipe(weights), dict(
         given, data=str(data), out=str(out), val_fraction=val_fraction, split=split, device=device, weights=weights,
-        resume=resume, seed=seed, workers=workers, max_iters_per_epoch=max_iters_per_epoch, scale=scale,
+        resume=resume, seed=seed, split_seed=split_seed, workers=workers, max_iters_per_epoch=max_iters_per_epoch, scale=scale,
         model_overrides=tuple(_parse_settings(model_set).items()), progress=not quiet, cache=cache,
         time_budget_s=budget_s))
     best = fit(cfg, started_at)

@@ -198,6 +198,9 @@ class TrainConfig:
     # run stops in time for its last validation; `epochs` is then an upper bound.
     time_budget_s: float = 0.0
     split: str = "classes"  # one of SPLITS
+    # Seed of the validation split (None = `seed`): runs that differ only in their random init and
+    # sample order, on one validation set, measure the run-to-run noise of a comparison.
+    split_seed: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

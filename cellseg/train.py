@@ -261,6 +261,9 @@ def check_config(cfg: TrainConfig) -> None:
                           ("--max-iters-per-epoch", cfg.max_iters_per_epoch)):
         if value < 0:
             refuse(option, value, "must be at least 0")
+    for option, seed in (("--seed", cfg.seed), ("--split-seed", cfg.split_seed)):
+        if seed is not None and seed < 0:
+            refuse(option, seed, "must be at least 0")
     if cfg.warmup_iters is not None and cfg.warmup_iters < 0:
         refuse("--warmup-iters", cfg.warmup_iters, "must be at least 0")
     unknown = sorted(k for k, _ in cfg.model_overrides if k not in ModelSpec.__dataclass_fields__)
@@ -512,6 +515,11 @@ class _Run:
         return self.cfg.progress and self.is_main
 
 
+def split_seed_of(cfg: TrainConfig) -> int:
+    """The seed of the run's validation split: --split-seed, or --seed when not given."""
+    return cfg.seed if cfg.split_seed is None else cfg.split_seed
+
+
 def _setup_data(cfg: TrainConfig, progress: bool) -> _Data:
     """Read every sample once, then split them (by source image, stratified by class unless the
     run says otherwise)."""
@@ -528,7 +536,7 @@ def _setup_data(cfg: TrainConfig, progress: bool) -> _Data:
     if cfg.split == "classes":
         counts = {i: np.bincount(s.labels if s.labels is not None else np.zeros(0, np.int64),
                                  minlength=len(class_names) + 1)[1:] for i, s in by_id.items()}
-    train_ids, val_ids = split_train_val(list(by_id), cfg.val_fraction, cfg.seed, counts)
+    train_ids, val_ids = split_train_val(list(by_id), cfg.val_fraction, split_seed_of(cfg), counts)
     if not train_ids:
         raise TrainingError(f"{root}: the training split is empty")
     data = _Data(root, class_names, [by_id[i] for i in train_ids], [by_id[i] for i in val_ids])
@@ -742,6 +750,7 @@ def _validate_and_checkpoint(run: _Run, data: _Data, epoch: int, losses: dict[st
     cfg = run.cfg
     training = _finite_or_none({
         "data": str(data.root), "n_train": len(data.train), "n_val": len(data.val), "seed": cfg.seed, "split": cfg.split,
+        "split_seed": split_seed_of(cfg), "val_samples": [s.sample_dir.name for s in data.val],
         "epochs_planned": cfg.epochs, "batch_size": cfg.batch_size, "world_size": run.world, "lr": cfg.lr,
         "weights": cfg.weights, "crop_size": cfg.crop_size, "max_iters_per_epoch": cfg.max_iters_per_epoch,
         "recipe": recipe_record(cfg), "augment": cfg.augment, "repeat_factor_threshold": cfg.repeat_factor_threshold,

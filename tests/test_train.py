@@ -119,6 +119,7 @@ def test_fit_one_epoch_writes_run_dir(data, tmp_path):
     training = ckpt.metadata["training"]
     assert training["epoch"] == 1 and training["best_epoch"] == 1 and training["seed"] == 0
     assert training["n_train"] + training["n_val"] == 6 and training["n_val"] >= 1
+    assert training["split_seed"] == 0 and len(set(training["val_samples"])) == training["n_val"]
     assert "segm" in training["best_val"]
     last = load_checkpoint(run / "last.pt")
     assert last.train_state["epoch"] == 1 and "optimizer" in last.train_state
@@ -284,7 +285,7 @@ def _invoke_train(*args):
     ("--val-fraction", 1, "--val-fraction 1"), ("--val-fraction", -0.1, "--val-fraction -0.1"),
     ("--crop-size", -1, "--crop-size -1"), ("--workers", -2, "--workers -2"), ("--scale", 0, "--scale 0"),
     ("--scheduler", "linear", "unknown scheduler"), ("--warmup-iters", -5, "--warmup-iters -5"),
-    ("--split", "tiles", "unknown split"), ("--arch", "resnet9000", "resnet9000"), ("--set", "no_such_setting=1", "no_such_setting"),
+    ("--split", "tiles", "unknown split"), ("--seed", -3, "--seed -3"), ("--split-seed", -1, "--split-seed -1"), ("--arch", "resnet9000", "resnet9000"), ("--set", "no_such_setting=1", "no_such_setting"),
 ])
 def test_impossible_settings_are_one_line_errors_before_any_work(data, tmp_path, monkeypatch, option, value, words):
     import cellseg.data.dataset as dataset_mod
@@ -423,6 +424,17 @@ def test_config_round_trips_and_old_run_dirs_still_resume(data, tmp_path):
     (run / "config.json").write_text("{not json")
     with pytest.raises(TrainingError, match="config.json: cannot read"):
         fit(tiny_cfg(data, run, resume=True))
+
+
+def test_split_seed_keeps_the_validation_set_while_the_seed_changes(data, tmp_path):
+    def val_names(**kw) -> list[str]:
+        return [s.sample_dir.name for s in train_mod._setup_data(tiny_cfg(data, tmp_path / "r", **kw), False).val]
+
+    by_seed = {seed: val_names(seed=seed) for seed in range(6)}
+    assert len({tuple(names) for names in by_seed.values()}) > 1  # the split follows --seed by default
+    for seed in range(1, 6):
+        assert val_names(seed=seed, split_seed=0) == by_seed[0]
+    assert val_names(seed=0, split_seed=3) == by_seed[3]
 
 
 def test_spec_records_the_largest_training_object(data, tmp_path):
