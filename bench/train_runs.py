@@ -2,7 +2,8 @@
 
 Reads each run folder's metrics.jsonl and config.json (what `cellseg train` writes) and reports,
 per run: the settings that differ between the runs given, epochs, iterations, wall minutes, the
-best epoch (val segm AP, as best.pt) with its segm/bbox AP and AP50 and per-class AP50; then per
+best epoch (val segm AP, as best.pt) with its segm/bbox AP and AP50 (and the AP50's difference
+from the first run's: list the reference run first) and per-class AP50; then per
 epoch: iterations, cumulative minutes, loss, segm AP/AP50, per-class AP and AP50, bbox AP/AP50.
 
     python -m cellseg.bench.train_runs /tmp/proxies/p1 /tmp/proxies/p1_fpn64 /tmp/runs/consep_2h \\
@@ -96,15 +97,23 @@ def _setting(value: Any) -> str:
     return "default" if value is None else json.dumps(value)
 
 
+def _against_first(value: float | None, first: float | None) -> str:
+    """A run's best segm AP50 minus the first run's (the table's reference), signed."""
+    return "-" if value is None or first is None else f"{value - first:+.3f}"
+
+
 def _summary_table(runs: Sequence[dict]) -> list[str]:
-    lines = ["| run | differs | epochs | iterations | minutes | best epoch | segm AP | segm AP50 | bbox AP50 | "
-             "per-class segm AP50 (best epoch) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | differs | epochs | iterations | minutes | best epoch | segm AP | segm AP50 | "
+             f"AP50 vs {runs[0]['name']} | bbox AP50 | per-class segm AP50 (best epoch) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    first = runs[0]["best"]["segm_AP50"]
     for run in runs:
         last, best = run["epochs"][-1], run["best"]
         differs = ", ".join(f"{k}={_setting(v)}" for k, v in run["differs"].items()) or "-"
         lines.append(f"| {run['name']} | {differs} | {len(run['epochs'])} | {last['iterations']} | "
                      f"{last['minutes']:.1f} | {best['epoch']} | {_ap(best['segm_AP'])} | {_ap(best['segm_AP50'])} | "
-                     f"{_ap(best['bbox_AP50'])} | {_classes(best['per_class_AP50'])} |")
+                     f"{_against_first(best['segm_AP50'], first)} | {_ap(best['bbox_AP50'])} | "
+                     f"{_classes(best['per_class_AP50'])} |")
     return lines
 
 
@@ -145,7 +154,8 @@ def plot(report: dict, path: Path) -> None:
         minutes = [r["minutes"] for r in run["epochs"]]
         color = plt.get_cmap("tab10")(i % 10)
         ax_runs.plot(minutes, [r["segm_AP50"] for r in run["epochs"]], "o-", color=color, label=f"{run['name']} AP50")
-        ax_runs.plot(minutes, [r["segm_AP"] for r in run["epochs"]], "s--", color=color, label=f"{run['name']} AP")
+        if len(runs) <= 4:  # beyond that the AP lines hide the AP50 ones
+            ax_runs.plot(minutes, [r["segm_AP"] for r in run["epochs"]], "s--", color=color, label=f"{run['name']} AP")
     ax_runs.set_xlabel("wall minutes")
     ax_runs.set_ylabel("val segm AP")
     ax_runs.set_title("runs")

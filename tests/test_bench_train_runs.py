@@ -47,8 +47,9 @@ def test_best_epoch_cumulative_minutes_and_the_settings_that_differ(tmp_path):
     assert narrow["best"]["epoch"] == 1  # an epoch without AP never counts as best
     assert wide["differs"] == {"set fpn_channels": None} and narrow["differs"] == {"set fpn_channels": 64}
     text = render_markdown(report)
-    assert "| wide | set fpn_channels=default | 3 | 30 | 3.0 | 2 | 0.050 | 0.100 |" in text
-    assert "| narrow | set fpn_channels=64 | 2 | 20 | 2.0 | 1 | 0.020 | 0.040 |" in text
+    assert "| AP50 vs wide |" in text
+    assert "| wide | set fpn_channels=default | 3 | 30 | 3.0 | 2 | 0.050 | 0.100 | +0.000 |" in text
+    assert "| narrow | set fpn_channels=64 | 2 | 20 | 2.0 | 1 | 0.020 | 0.040 | -0.060 |" in text
     assert "two proxies" in text and "### narrow" in text
 
 
