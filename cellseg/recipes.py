@@ -62,7 +62,11 @@ decay); with the anchors above (and the parallel RoI pooler: 2078 iterations) AP
 where the anchor count suggested: under the same output rules the newer model finds fewer of the
 smallest quarter of val nuclei (30 % against 37 %) and outputs 9964 results against 13977; its AP50
 rises through class3 (0.41 -> 0.48) and class1 (0.10 -> 0.14), so its results are better
-ranked, not more numerous. The other settings above have not had their own proxy runs yet.
+ranked, not more numerous. Eight 18-minute proxies, one setting changed each
+(bench/results/2026-12-02-train-consep-proxies-18min; noise of one comparison, by a second seed on
+the same split: 0.001 AP50): batch 1 (+0.076) and batch 2 (+0.049) beat batch 4 by far; 256 RoIs at
+25 % positive and basic augmentation +0.02; lr 8e-4 and BatchNorm within 0.006. Short proxies favour
+more updates and less regularisation, so the recipe keeps batch 4 until a 2-hour run checks them.
 """
 from __future__ import annotations
 
