@@ -43,8 +43,8 @@ ResNet-18-FPN Mask R-CNN from random init on a CPU. Why each setting:
                     for brightfield / gain + gamma for fluorescence (cellseg.data.dataset).
   AdamW             lr 4e-4, weight decay 0.05, 200 warm-up iterations (at most 10 % of the
                     run), cosine to zero at the end of the run (fitted to --time-budget when one
-                    is given). torchvision's
-                    v2 Mask R-CNN puts normalisation in FPN and heads after Li et al.,
+                    is given). torchvision's v2 Mask R-CNN puts normalisation in FPN and heads
+                    after Li et al.,
                     "Benchmarking Detection Transfer Learning with Vision Transformers" (2021),
                     whose recipe (AdamW, scale jitter, long schedule) also trains from random
                     init; here scaled down to a CPU budget.
