@@ -4,6 +4,7 @@ Every CellsegError becomes one line on stderr and the exit code of its class (ce
 that mapping lives in `_errors_to_exit_codes` and nowhere else."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -12,7 +13,9 @@ from typing import Optional
 
 import typer
 
+from cellseg.config import TrainConfig
 from cellseg.errors import CellsegError, InputError
+from cellseg.recipes import RECIPES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Train, export and run Mask R-CNN cell instance segmentation.")
@@ -90,6 +93,13 @@ def data_synth(out: Path = typer.Argument(..., help="folder to create"),
 
 
 # ---------------------------------------------------------------------------------------- train
+def _train_default(field: str, extra: str = "") -> str:
+    """Help of a training option: its plain default and the cpu-scratch recipe's (the default
+    recipe without pretrained weights), both read from where they are set."""
+    plain = {f.name: f.default for f in dataclasses.fields(TrainConfig)}[field]
+    return f"default {plain}; cpu-scratch: {RECIPES['cpu-scratch'].train.get(field, plain)}{extra}"
+
+
 @command(app)
 def train(data: Path = typer.Argument(..., help="HW3 layout root (ROOT or ROOT/train)"),
           out: Path = typer.Option(..., "--out", help="run folder (last.pt, best.pt, metrics.jsonl)"),
@@ -97,11 +107,11 @@ def train(data: Path = typer.Argument(..., help="HW3 layout root (ROOT or ROOT/t
                                                "with --weights none, else none); options given here win"),
           time_budget: Optional[str] = typer.Option(None, "--time-budget", help="wall-clock budget, e.g. 2h, "
                                                     "90m, 45s: the LR schedule is fitted to it, best epoch kept"),
-          arch: Optional[str] = typer.Option(None, "--arch", help="default maskrcnn_resnet18_fpn"),
-          epochs: Optional[int] = typer.Option(None, "--epochs", help="default 12 (a cap of 1000 with --time-budget)"),
-          batch_size: Optional[int] = typer.Option(None, "--batch-size", help="default 2"),
-          lr: Optional[float] = typer.Option(None, "--lr", help="default 1e-4"),
-          weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="default 1e-4"),
+          arch: Optional[str] = typer.Option(None, "--arch", help=_train_default("arch")),
+          epochs: Optional[int] = typer.Option(None, "--epochs", help=_train_default("epochs", " (a cap of 1000 with --time-budget)")),
+          batch_size: Optional[int] = typer.Option(None, "--batch-size", help=_train_default("batch_size")),
+          lr: Optional[float] = typer.Option(None, "--lr", help=_train_default("lr")),
+          weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help=_train_default("weight_decay")),
           val_fraction: float = typer.Option(0.15, "--val-fraction"),
           split: str = typer.Option("classes", "--split", help="validation groups: classes (each class's share "
                                     "of instances matched too) | groups (sample count only)"),

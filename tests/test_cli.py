@@ -198,3 +198,15 @@ def test_demo_runs_the_whole_story(tmp_path):
     assert any("segm AP" in ln for ln in lines)
     with pytest.raises(Exception, match="--force"):
         run_demo(tmp_path / "demo", plan=plan, echo=lines.append)
+
+
+def test_train_help_gives_the_plain_and_the_cpu_scratch_defaults():
+    from cellseg.recipes import RECIPES
+
+    result = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    scratch = RECIPES["cpu-scratch"].train
+    line = next(ln for ln in result.output.splitlines() if "--batch-size" in ln)
+    assert f"default 2; cpu-scratch: {scratch['batch_size']}" in line
+    line = next(ln for ln in result.output.splitlines() if "--lr" in ln)
+    assert f"cpu-scratch: {scratch['lr']}" in line
