@@ -71,7 +71,7 @@ the same split: 0.001 AP50): batch 1 (+0.076) and batch 2 (+0.049) beat batch 4 
 batch 1 (bench/results/2026-12-02-train-consep-cpu-scratch-batch1-e401cc7, on an Intel Xeon whose
 iterations ran about twice as fast as the AMD EPYC's above, so not a like-for-like comparison):
 21146 iterations, best epoch 43 at 108 minutes, val segm AP 0.213, AP50 0.452 (per class: class1
-0.198, class2 0.697, class3 0.615, class4 0.298), AP50 >= 0.41 from 62 minutes on; exported, the
+0.198, class2 0.697, class3 0.615, class4 0.298), AP50 >= 0.41 at every epoch from 68 minutes on; exported, the
 same on onnxruntime and OpenVINO; on 1024 px mosaics of the val crops AP50 0.401. So batch 1 is
 the recipe's. The other proxy gains (256 RoIs at 25 %, basic augmentation) are not checked at 2 hours.
 Class 2 is the easiest class here (AP50 ~0.7); class1 ("other", the rarest, many kinds of nuclei
