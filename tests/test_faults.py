@@ -86,11 +86,21 @@ def check_infer_killed_and_rerun(inputs, folder: Path, delay: float) -> None:
     assert leftovers(folder) == []
 
 
+# Each write streams 40 chunks with a pause between them, so a kill nearly always lands while a
+# temporary is open, however fast the machine's disk.
 WRITER = """
-import sys
-from cellseg.fileio import atomic_write_bytes
-for i in range(10**6):  # large writes in a loop until killed
-    atomic_write_bytes(sys.argv[1], bytes([i % 256]) * 4_000_000)
+import sys, time
+from cellseg.fileio import atomic_write
+
+def write_slowly(path, byte):
+    with open(path, "wb") as f:
+        for _ in range(40):
+            f.write(byte * 100_000)
+            f.flush()
+            time.sleep(0.002)
+
+for i in range(10**6):  # writes in a loop until killed
+    atomic_write(sys.argv[1], lambda p: write_slowly(p, bytes([i % 256])))
 """
 
 
